@@ -1,0 +1,3 @@
+from dagster_taskiq.cli import main
+
+main()

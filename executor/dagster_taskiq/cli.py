@@ -1,0 +1,158 @@
+"""``dagster-taskiq``: the worker, the demo, the local stack and ledger maintenance."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import click
+
+from dagster_taskiq.settings import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ENV_CODE_LOCATIONS,
+    ENV_CONCURRENCY,
+    ENV_DATABASE_URL,
+    ENV_ENDPOINT_URL,
+    ENV_QUEUE_URL,
+    ENV_REGION,
+    ENV_SIGNING_KEY,
+    ConfigurationError,
+)
+
+
+@click.group()
+@click.version_option(package_name="dagster-taskiq")
+def cli() -> None:
+    """A Dagster executor on warm ECS Fargate workers fed by SQS."""
+
+
+@cli.command()
+@click.option("--queue-url", envvar=ENV_QUEUE_URL, required=True, help=f"[${ENV_QUEUE_URL}]")
+@click.option(
+    "--concurrency",
+    envvar=ENV_CONCURRENCY,
+    type=click.IntRange(1, 64),
+    default=2,
+    show_default=True,
+    help=f"Step processes, each running one step at a time. [${ENV_CONCURRENCY}]",
+)
+@click.option(
+    "--database-url",
+    envvar=ENV_DATABASE_URL,
+    help=f"Ledger database. Default: the Dagster instance's PostgreSQL. [${ENV_DATABASE_URL}]",
+)
+@click.option(
+    "--code-location",
+    "code_locations",
+    multiple=True,
+    help="Module name or Python file whose jobs this worker runs; repeatable. "
+    f"[${ENV_CODE_LOCATIONS}, comma-separated]",
+)
+@click.option("--signing-key", envvar=ENV_SIGNING_KEY, help=f"Accept only signed messages. [${ENV_SIGNING_KEY}]")
+@click.option("--aws-region", envvar=ENV_REGION, help=f"[${ENV_REGION}]")
+@click.option("--endpoint-url", envvar=ENV_ENDPOINT_URL, help=f"SQS endpoint override. [${ENV_ENDPOINT_URL}]")
+@click.option("--max-steps-per-process", type=click.IntRange(1), default=200, show_default=True, help="Recycle a step process after this many steps, to bound memory.")
+@click.option("--wait-seconds", type=click.IntRange(0, 20), default=20, show_default=True, help="SQS long-poll wait.")
+@click.option("--stop-timeout", type=float, default=100.0, show_default=True, help="Seconds running steps get to finish after SIGTERM before they are given back.")
+@click.option("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, show_default=True)
+def worker(
+    queue_url: str,
+    concurrency: int,
+    database_url: str | None,
+    code_locations: tuple[str, ...],
+    signing_key: str | None,
+    aws_region: str | None,
+    endpoint_url: str | None,
+    max_steps_per_process: int,
+    wait_seconds: int,
+    stop_timeout: float,
+    max_message_bytes: int,
+) -> None:
+    """Run steps from QUEUE_URL in warm step processes."""
+    from dagster_taskiq.worker.config import CodeLocation, WorkerSettings
+    from dagster_taskiq.worker.run import run_worker
+
+    locations = tuple(CodeLocation(c) for c in code_locations) or CodeLocation.parse_many(
+        os.environ.get(ENV_CODE_LOCATIONS)
+    )
+    if not locations:
+        raise click.UsageError(
+            "No code location: pass --code-location MODULE_OR_FILE (repeatable) or set "
+            f"{ENV_CODE_LOCATIONS}. A worker runs only jobs from the code it is given."
+        )
+    try:
+        settings = WorkerSettings(
+            queue_url=queue_url,
+            database_url=database_url or "",
+            code_locations=locations,
+            region=aws_region,
+            endpoint_url=endpoint_url,
+            concurrency=concurrency,
+            signing_key=signing_key,
+            max_steps_per_process=max_steps_per_process,
+            wait_seconds=wait_seconds,
+            stop_timeout=stop_timeout,
+            max_message_bytes=max_message_bytes,
+        )
+        sys.exit(run_worker(settings))
+    except ConfigurationError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@cli.command()
+@click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 8), default=1, show_default=True)
+def demo(workers: int, concurrency: int) -> None:
+    """Run the demo job on the local stack and print its figures as JSON."""
+    from dagster_taskiq.local.demo import run_demo
+
+    sys.exit(run_demo(workers=workers, concurrency=concurrency))
+
+
+@cli.command()
+@click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option("--port", type=int, default=3000, show_default=True)
+def ui(workers: int, port: int) -> None:
+    """The local stack with workers, and the Dagster UI on it (Ctrl-C stops all)."""
+    from dagster_taskiq.local.stack import local_stack
+
+    with local_stack() as stack:
+        stack.apply_env()
+        pool = stack.worker_pool()
+        pool.scale_to(workers)
+        click.echo(f"Local stack up: queue {stack.queue_url}; {workers} workers.", err=True)
+        click.echo(f"Open http://127.0.0.1:{port} and launch demo_job.", err=True)
+        command = [
+            sys.executable, "-m", "dagster", "dev",
+            "-m", "dagster_taskiq.local.demo_job", "-p", str(port), "-h", "127.0.0.1",
+        ]  # fmt: skip
+        dev = subprocess.Popen(command, env=os.environ.copy())
+        try:
+            dev.wait()
+        except KeyboardInterrupt:
+            dev.terminate()
+            dev.wait(30)
+        pool.stop()
+
+
+@cli.group()
+def ledger() -> None:
+    """Ledger maintenance."""
+
+
+@ledger.command("cleanup")
+@click.option("--database-url", envvar=ENV_DATABASE_URL, required=True)
+def ledger_cleanup(database_url: str) -> None:
+    """Delete finished step records past their TTL."""
+    from dagster_taskiq.ledger import Ledger
+
+    store = Ledger(database_url)
+    started = time.monotonic()
+    deleted = store.cleanup_expired()
+    click.echo(f"deleted {deleted} expired records in {time.monotonic() - started:.2f} s")
+
+
+def main() -> None:
+    cli()

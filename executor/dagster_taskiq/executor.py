@@ -1,0 +1,264 @@
+"""``taskiq_executor``: Dagster's step-delegating executor with the SQS step handler."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from dagster import (
+    Field,
+    IntSource,
+    Noneable,
+    StringSource,
+    executor,
+)
+from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
+from dagster._core.execution.retries import RetryMode, get_retries_config
+from dagster._core.execution.step_dependency_config import (
+    StepDependencyConfig,
+    get_step_dependency_config_field,
+)
+from dagster._core.execution.tags import get_tag_concurrency_limits_config
+from dagster._core.executor.base import Executor
+from dagster._core.executor.init import InitExecutorContext
+from dagster._core.executor.step_delegating import StepDelegatingExecutor
+from dagster._core.instance import DagsterInstance
+
+from dagster_taskiq.ledger import Ledger, LedgerUnavailable
+from dagster_taskiq.queue import QueueUnavailable, SqsQueue
+from dagster_taskiq.settings import (
+    DEFAULT_IDEMPOTENCY_KEY_TTL,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_RECEIVE_COUNT,
+    DEFAULT_MESSAGE_RETENTION,
+    DEFAULT_REGION,
+    DEFAULT_VISIBILITY_TIMEOUT,
+    ENV_DATABASE_URL,
+    ENV_ENDPOINT_URL,
+    ENV_QUEUE_URL,
+    ENV_REGION,
+    ENV_SIGNING_KEY,
+    ConfigurationError,
+    env_or,
+    redact_url,
+)
+from dagster_taskiq.step_handler import LaunchSettings, SqsStepHandler
+
+log = logging.getLogger("dagster_taskiq")
+
+TASKIQ_EXECUTOR_CONFIG = {
+    "queue_url": Field(
+        StringSource,
+        is_required=False,
+        description=f"URL of the SQS queue steps are sent to. Default: ${ENV_QUEUE_URL}.",
+    ),
+    "aws_region": Field(
+        StringSource,
+        is_required=False,
+        description=f"AWS region of the queue. Default: ${ENV_REGION}, $AWS_REGION, "
+        f"or {DEFAULT_REGION}.",
+    ),
+    "endpoint_url": Field(
+        StringSource,
+        is_required=False,
+        description=f"SQS endpoint override, for an emulator. Default: ${ENV_ENDPOINT_URL}.",
+    ),
+    "database_url": Field(
+        StringSource,
+        is_required=False,
+        description="PostgreSQL URL of the ledger. Default: "
+        f"${ENV_DATABASE_URL}, else the database of the instance's dagster-postgres storage.",
+    ),
+    "visibility_timeout": Field(
+        IntSource,
+        default_value=DEFAULT_VISIBILITY_TIMEOUT,
+        description="Lease of a worker on a step, in seconds. A step whose worker died is "
+        "taken over by another worker after at most this long.",
+    ),
+    "message_retention": Field(
+        IntSource,
+        default_value=DEFAULT_MESSAGE_RETENTION,
+        description="Expected message retention of the queue; checked at run start.",
+    ),
+    "max_receive_count": Field(
+        IntSource,
+        default_value=DEFAULT_MAX_RECEIVE_COUNT,
+        description="Expected deliveries before the queue moves a message to its DLQ; "
+        "checked at run start against the queue's redrive policy.",
+    ),
+    "idempotency_key_ttl": Field(
+        IntSource,
+        default_value=DEFAULT_IDEMPOTENCY_KEY_TTL,
+        description="Seconds the ledger keeps a finished step's record.",
+    ),
+    "signing_key": Field(
+        StringSource,
+        is_required=False,
+        description=f"HMAC key to sign messages with. Default: ${ENV_SIGNING_KEY}.",
+    ),
+    "max_message_bytes": Field(
+        IntSource,
+        default_value=DEFAULT_MAX_MESSAGE_BYTES,
+        description="Largest message to send; a larger step fails at launch.",
+    ),
+    "poll_interval": Field(
+        float,
+        default_value=0.1,
+        description="Seconds between reads of the event log. Each dependency level of a "
+        "run waits up to this long.",
+    ),
+    "health_check_interval": Field(
+        IntSource,
+        default_value=10,
+        description="Seconds between health checks of in-flight steps against the ledger.",
+    ),
+    "pickup_timeout": Field(
+        Noneable(IntSource),
+        default_value=None,
+        description="Fail a step that no worker picked up within this many seconds.",
+    ),
+    "retries": get_retries_config(),
+    "max_concurrent": Field(
+        IntSource,
+        is_required=False,
+        description="Most steps of one run in flight at once. Default: no limit.",
+    ),
+    "tag_concurrency_limits": get_tag_concurrency_limits_config(),
+    "step_dependency_config": get_step_dependency_config_field(),
+}
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    queue_url: str
+    region: str
+    endpoint_url: str | None
+    database_url: str
+    launch: LaunchSettings
+    message_retention: int
+    max_receive_count: int
+
+    @classmethod
+    def resolve(cls, config: dict[str, Any], instance: DagsterInstance) -> ExecutorSettings:
+        queue_url = env_or(config.get("queue_url"), ENV_QUEUE_URL)
+        if not queue_url:
+            raise ConfigurationError(
+                "taskiq_executor has no queue URL: set `queue_url` in the executor config "
+                f"(a string or {{env: VAR}}) or the environment variable {ENV_QUEUE_URL}."
+            )
+        database_url = env_or(config.get("database_url"), ENV_DATABASE_URL)
+        database_url = database_url or _instance_postgres_url(instance)
+        if not database_url:
+            raise ConfigurationError(
+                "taskiq_executor has no ledger database: set `database_url` in the executor "
+                f"config or {ENV_DATABASE_URL}, or use dagster-postgres instance storage "
+                "(the ledger then lives in the same database)."
+            )
+        region = env_or(config.get("aws_region"), ENV_REGION) or env_or(None, "AWS_REGION")
+        return cls(
+            queue_url=queue_url,
+            region=region or DEFAULT_REGION,
+            endpoint_url=env_or(config.get("endpoint_url"), ENV_ENDPOINT_URL),
+            database_url=database_url,
+            launch=LaunchSettings(
+                lease_seconds=config["visibility_timeout"],
+                idempotency_key_ttl=config["idempotency_key_ttl"],
+                max_message_bytes=config["max_message_bytes"],
+                signing_key=env_or(config.get("signing_key"), ENV_SIGNING_KEY),
+                pickup_timeout=config.get("pickup_timeout"),
+            ),
+            message_retention=config["message_retention"],
+            max_receive_count=config["max_receive_count"],
+        )
+
+
+def _instance_postgres_url(instance: DagsterInstance) -> str | None:
+    url = getattr(instance.run_storage, "postgres_url", None)
+    return url if isinstance(url, str) else None
+
+
+def connect(settings: ExecutorSettings) -> tuple[SqsQueue, Ledger]:
+    """Reach the ledger and the queue now, so a wrong setting fails the run at start."""
+    ledger = Ledger(settings.database_url)
+    try:
+        ledger.ensure_schema()
+    except LedgerUnavailable as e:
+        raise ConfigurationError(
+            f"taskiq_executor cannot reach its ledger database "
+            f"{redact_url(settings.database_url)}: {e}. Check `database_url` "
+            f"(or {ENV_DATABASE_URL}) and that the database accepts connections."
+        ) from e
+    queue = SqsQueue(settings.queue_url, region=settings.region, endpoint_url=settings.endpoint_url)
+    try:
+        attributes = queue.attributes()
+    except QueueUnavailable as e:
+        raise ConfigurationError(
+            f"taskiq_executor cannot reach its queue: {e}. Check `queue_url`, `aws_region` "
+            "and `endpoint_url`, and that this process may call sqs:GetQueueAttributes."
+        ) from e
+    _warn_on_queue_mismatch(settings, attributes)
+    return queue, ledger
+
+
+def _warn_on_queue_mismatch(settings: ExecutorSettings, attributes: dict[str, str]) -> None:
+    if "RedrivePolicy" not in attributes:
+        log.warning(
+            "Queue %s has no dead-letter queue: a step that keeps killing its worker will be "
+            "redelivered until the message expires.",
+            settings.queue_url,
+        )
+    else:
+        deployed = SqsQueue.parse_max_receive_count(attributes["RedrivePolicy"])
+        if deployed != settings.max_receive_count:
+            log.warning(
+                "Queue %s moves messages to its DLQ after %s deliveries; the executor "
+                "config says max_receive_count=%s.",
+                settings.queue_url,
+                deployed,
+                settings.max_receive_count,
+            )
+    retention = int(attributes.get("MessageRetentionPeriod", settings.message_retention))
+    if retention != settings.message_retention:
+        log.warning(
+            "Queue %s keeps messages %s s; the executor config says message_retention=%s.",
+            settings.queue_url,
+            retention,
+            settings.message_retention,
+        )
+
+
+@executor(
+    name="taskiq",
+    config_schema=TASKIQ_EXECUTOR_CONFIG,
+    requirements=multiple_process_executor_requirements(),
+)
+def taskiq_executor(init_context: InitExecutorContext) -> Executor:
+    """Runs each step on a pool of warm workers fed by an SQS queue.
+
+    Completion of each step attempt is recorded exactly once in a PostgreSQL ledger, and a
+    duplicate delivery never starts a second concurrent execution. Workers run
+    ``dagster-taskiq worker`` with the same Dagster instance storage as the run.
+
+    .. code-block:: python
+
+        @job(executor_def=taskiq_executor.configured({"queue_url": {"env": "QUEUE_URL"}}))
+        def my_job(): ...
+    """
+    config = dict(init_context.executor_config)
+    settings = ExecutorSettings.resolve(config, init_context.instance)
+    queue, ledger = connect(settings)
+    return StepDelegatingExecutor(
+        SqsStepHandler(queue=queue, ledger=ledger, settings=settings.launch),
+        retries=RetryMode.from_config(config["retries"]),  # type: ignore[arg-type]
+        sleep_seconds=float(config["poll_interval"]),
+        check_step_health_interval_seconds=int(config["health_check_interval"]),
+        max_concurrent=config.get("max_concurrent"),
+        tag_concurrency_limits=config.get("tag_concurrency_limits"),
+        # Workers handle redelivery of a started attempt themselves (see worker/execution.py);
+        # Dagster's verify_step would fail such a run as "unknown state".
+        should_verify_step=False,
+        step_dependency_config=StepDependencyConfig.from_config(
+            config.get("step_dependency_config")  # type: ignore[arg-type]
+        ),
+    )

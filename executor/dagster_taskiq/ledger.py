@@ -1,0 +1,537 @@
+"""The exactly-once ledger: one PostgreSQL row per step attempt (idempotency key).
+
+Dagster-free: the executor, the workers and the Lambdas all use it.
+
+Statuses::
+
+    ENQUEUED -> RUNNING -> SUCCEEDED | FAILED
+    ENQUEUED | RUNNING -> DEAD_LETTERED
+    any non-terminal -> CANCEL_REQUESTED -> CANCELLED
+
+Every transition is one conditional statement, so concurrent workers, the executor and
+the dead-letter Lambda can race without a lock. A worker holds a step through a lease
+and a fencing token: claiming increments the token, and heartbeats and completion only
+apply ``WHERE fencing_token = mine``, so an attempt that lost its lease can never record
+anything. All times come from the database clock (``now()``), never a worker's.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from dagster_taskiq.settings import ledger_url, redact_url
+
+
+class Status(enum.StrEnum):
+    ENQUEUED = "ENQUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    DEAD_LETTERED = "DEAD_LETTERED"
+    CANCEL_REQUESTED = "CANCEL_REQUESTED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset(
+    {Status.SUCCEEDED, Status.FAILED, Status.DEAD_LETTERED, Status.CANCELLED}
+)
+NON_TERMINAL = frozenset(Status) - TERMINAL
+
+metadata = sa.MetaData()
+
+steps = sa.Table(
+    "dagster_taskiq_steps",
+    metadata,
+    sa.Column("idempotency_key", sa.Text, primary_key=True),
+    sa.Column("run_id", sa.Text, nullable=False),
+    sa.Column("step_key", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("worker_id", sa.Text),
+    sa.Column("fencing_token", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("lease_expires_at", sa.DateTime(timezone=True)),
+    sa.Column("deliveries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("duplicates_suppressed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("payload_hash", sa.Text, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_dagster_taskiq_steps_run_id", "run_id"),
+    sa.Index("ix_dagster_taskiq_steps_status_lease", "status", "lease_expires_at"),
+)
+
+# Messages that were never executed: malformed, forged, unknown version, no ledger row.
+rejected_messages = sa.Table(
+    "dagster_taskiq_rejected_messages",
+    metadata,
+    sa.Column("message_id", sa.Text, primary_key=True),
+    sa.Column("idempotency_key", sa.Text),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("body_excerpt", sa.Text, nullable=False),
+    sa.Column("worker_id", sa.Text),
+    sa.Column("receive_count", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("first_seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+NOW = sa.func.now()
+_SCHEMA_LOCK_ID = int.from_bytes(hashlib.sha256(b"dagster_taskiq.ledger").digest()[:4], "big")
+
+
+def _seconds(value: int | float) -> sa.ColumnElement[Any]:
+    return sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.cast(value, sa.Float))
+
+
+class LedgerUnavailable(Exception):
+    """The database could not be reached or refused the statement; safe to retry."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    idempotency_key: str
+    run_id: str
+    step_key: str
+    attempt: int
+    status: Status
+    worker_id: str | None
+    fencing_token: int
+    lease_expires_at: datetime | None
+    lease_live: bool
+    deliveries: int
+    duplicates_suppressed: int
+    payload_hash: str
+    error: str | None
+    enqueued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    age_seconds: float
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> StepRecord:
+        values = {name: row[name] for name in cls.__dataclass_fields__}
+        values["status"] = Status(row["status"])
+        return cls(**values)
+
+
+class ClaimOutcome(enum.Enum):
+    CLAIMED = "claimed"  # run it: the token is yours
+    DUPLICATE = "duplicate"  # already terminal: delete the message
+    BUSY = "busy"  # a live lease is held elsewhere: hide the message for a while
+    CANCELLED = "cancelled"  # cancel was requested before it started: delete the message
+    UNKNOWN = "unknown"  # no ledger row: never launched by an executor, or expired
+    MISMATCH = "mismatch"  # a different payload than the one launched under this key
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    fencing_token: int = 0
+    previous_worker: str | None = None
+    previous_status: Status | None = None
+    lease_remaining_seconds: float = 0.0
+    record: StepRecord | None = None
+
+    @property
+    def is_takeover(self) -> bool:
+        """True when an earlier delivery started this attempt and lost its lease."""
+        return self.outcome is ClaimOutcome.CLAIMED and self.previous_status is Status.RUNNING
+
+
+class Ledger:
+    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+        self.url = ledger_url(url)
+        self.engine: Engine = sa.create_engine(
+            self.url,
+            pool_pre_ping=True,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_recycle=1800,
+        )
+
+    def __repr__(self) -> str:
+        return f"Ledger({redact_url(self.url)})"
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except DBAPIError as e:
+            if e.connection_invalidated or isinstance(
+                e, sa.exc.OperationalError | sa.exc.InterfaceError
+            ):
+                raise LedgerUnavailable(
+                    f"The ledger database {redact_url(self.url)} is unreachable: {e.orig}"
+                ) from e
+            raise
+        except SQLAlchemyError as e:
+            if isinstance(e, sa.exc.TimeoutError):
+                raise LedgerUnavailable(f"The ledger database pool timed out: {e}") from e
+            raise
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- schema --------------------------------------------------------------------------
+
+    def ensure_schema(self) -> None:
+        """Create the tables if missing. Safe to run repeatedly and concurrently."""
+        with self._tx() as conn:
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)))
+            metadata.create_all(conn, checkfirst=True)
+
+    def ping(self) -> None:
+        with self._tx() as conn:
+            conn.execute(sa.select(1))
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _select(self) -> sa.Select[Any]:
+        lease_live = sa.and_(
+            steps.c.status == Status.RUNNING, steps.c.lease_expires_at > NOW
+        ).label("lease_live")
+        age = sa.func.extract("epoch", NOW - steps.c.enqueued_at).label("age_seconds")
+        return sa.select(*steps.c, lease_live, age)
+
+    def get(self, key: str) -> StepRecord | None:
+        with self._tx() as conn:
+            row = conn.execute(self._select().where(steps.c.idempotency_key == key)).mappings()
+            found = row.first()
+        return StepRecord.from_row(found) if found else None
+
+    def for_run(self, run_id: str) -> list[StepRecord]:
+        stmt = self._select().where(steps.c.run_id == run_id).order_by(steps.c.enqueued_at)
+        with self._tx() as conn:
+            return [StepRecord.from_row(r) for r in conn.execute(stmt).mappings()]
+
+    def live_leases(self) -> int:
+        """Steps running under a live lease: the workers the scaler must not take away."""
+        stmt = sa.select(sa.func.count()).where(
+            steps.c.status.in_([Status.RUNNING, Status.CANCEL_REQUESTED]),
+            steps.c.lease_expires_at > NOW,
+        )
+        with self._tx() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    # -- protocol ------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        key: str,
+        *,
+        run_id: str,
+        step_key: str,
+        attempt: int,
+        payload_hash: str,
+        ttl_seconds: int,
+    ) -> bool:
+        """Insert ENQUEUED before the message is sent. False if the key already exists."""
+        stmt = (
+            pg_insert(steps)
+            .values(
+                idempotency_key=key,
+                run_id=run_id,
+                step_key=step_key,
+                attempt=attempt,
+                status=Status.ENQUEUED,
+                payload_hash=payload_hash,
+                enqueued_at=NOW,
+                updated_at=NOW,
+                expires_at=NOW + _seconds(ttl_seconds),
+            )
+            .on_conflict_do_nothing(index_elements=[steps.c.idempotency_key])
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def claim(
+        self,
+        key: str,
+        *,
+        worker_id: str,
+        lease_seconds: int,
+        payload_hash: str,
+        deliveries: int = 1,
+    ) -> Claim:
+        """Take the step if it is ENQUEUED, or RUNNING under an expired lease.
+
+        One conditional UPDATE: of two workers holding the same message, exactly one gets
+        a row back; the other sees why it did not.
+        """
+        prev = (
+            sa.select(
+                steps.c.idempotency_key.label("key"),
+                steps.c.worker_id.label("previous_worker"),
+                steps.c.status.label("previous_status"),
+            )
+            .where(steps.c.idempotency_key == key)
+            .subquery()
+        )
+        claimable = sa.or_(
+            steps.c.status == Status.ENQUEUED,
+            sa.and_(steps.c.status == Status.RUNNING, steps.c.lease_expires_at <= NOW),
+        )
+        stmt = (
+            sa.update(steps)
+            .where(
+                steps.c.idempotency_key == prev.c.key,
+                steps.c.payload_hash == payload_hash,
+                claimable,
+            )
+            .values(
+                status=Status.RUNNING,
+                worker_id=worker_id,
+                fencing_token=steps.c.fencing_token + 1,
+                lease_expires_at=NOW + _seconds(lease_seconds),
+                started_at=sa.func.coalesce(steps.c.started_at, NOW),
+                deliveries=sa.func.greatest(steps.c.deliveries, deliveries),
+                error=None,
+                updated_at=NOW,
+            )
+            .returning(steps.c.fencing_token, prev.c.previous_worker, prev.c.previous_status)
+        )
+        with self._tx() as conn:
+            claimed = conn.execute(stmt).first()
+            if claimed is not None:
+                previous_status = Status(claimed.previous_status)
+                return Claim(
+                    ClaimOutcome.CLAIMED,
+                    fencing_token=claimed.fencing_token,
+                    previous_worker=claimed.previous_worker,
+                    previous_status=previous_status,
+                )
+            return self._why_not_claimed(conn, key, payload_hash, deliveries)
+
+    def _why_not_claimed(
+        self, conn: Connection, key: str, payload_hash: str, deliveries: int
+    ) -> Claim:
+        found = conn.execute(self._select().where(steps.c.idempotency_key == key)).mappings()
+        row = found.first()
+        if row is None:
+            return Claim(ClaimOutcome.UNKNOWN)
+        record = StepRecord.from_row(row)
+        if record.payload_hash != payload_hash:
+            return Claim(ClaimOutcome.MISMATCH, record=record)
+        if record.status.is_terminal:
+            conn.execute(
+                sa.update(steps)
+                .where(steps.c.idempotency_key == key)
+                .values(
+                    duplicates_suppressed=steps.c.duplicates_suppressed + 1,
+                    deliveries=sa.func.greatest(steps.c.deliveries, deliveries),
+                )
+            )
+            return Claim(ClaimOutcome.DUPLICATE, record=record)
+        if record.status is Status.CANCEL_REQUESTED:
+            # Never started (or its worker is gone): nobody else will finish the cancel.
+            done = conn.execute(
+                sa.update(steps)
+                .where(
+                    steps.c.idempotency_key == key,
+                    steps.c.status == Status.CANCEL_REQUESTED,
+                    sa.or_(steps.c.lease_expires_at.is_(None), steps.c.lease_expires_at <= NOW),
+                )
+                .values(status=Status.CANCELLED, finished_at=NOW, updated_at=NOW)
+            )
+            if done.rowcount == 1:
+                return Claim(ClaimOutcome.CANCELLED, record=record)
+        remaining = conn.execute(
+            sa.select(
+                sa.func.greatest(
+                    sa.func.extract("epoch", steps.c.lease_expires_at - NOW), 0
+                )
+            ).where(steps.c.idempotency_key == key)
+        ).scalar()
+        return Claim(
+            ClaimOutcome.BUSY,
+            previous_worker=record.worker_id,
+            previous_status=record.status,
+            lease_remaining_seconds=float(remaining or 0.0),
+            record=record,
+        )
+
+    def _fenced(self, key: str, token: int, *statuses: Status) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            steps.c.idempotency_key == key,
+            steps.c.fencing_token == token,
+            steps.c.status.in_(statuses),
+        )
+
+    def heartbeat(self, key: str, token: int, lease_seconds: int) -> bool:
+        """Renew the lease. False means the lease is lost or cancel was requested."""
+        stmt = (
+            sa.update(steps)
+            .where(self._fenced(key, token, Status.RUNNING))
+            .values(lease_expires_at=NOW + _seconds(lease_seconds), updated_at=NOW)
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def complete(
+        self,
+        key: str,
+        token: int,
+        *,
+        succeeded: bool,
+        error: str | None = None,
+        duplicate: bool = False,
+    ) -> bool:
+        """Record the outcome of the attempt, once. False if this token no longer holds it.
+
+        ``duplicate``: the outcome was already in Dagster's event log from an earlier
+        delivery, so this delivery recorded it without executing (counted as suppressed).
+        """
+        stmt = (
+            sa.update(steps)
+            .where(self._fenced(key, token, Status.RUNNING))
+            .values(
+                status=Status.SUCCEEDED if succeeded else Status.FAILED,
+                error=error,
+                duplicates_suppressed=steps.c.duplicates_suppressed + int(duplicate),
+                lease_expires_at=None,
+                finished_at=NOW,
+                updated_at=NOW,
+            )
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def fail(self, key: str, token: int, error: str) -> bool:
+        return self.complete(key, token, succeeded=False, error=error)
+
+    def release(self, key: str, token: int, reason: str) -> bool:
+        """Give the lease up now (shutdown, step process died) so the next delivery takes over."""
+        stmt = (
+            sa.update(steps)
+            .where(self._fenced(key, token, Status.RUNNING, Status.CANCEL_REQUESTED))
+            .values(lease_expires_at=NOW, error=reason, updated_at=NOW)
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def finish_cancel(self, key: str, token: int) -> bool:
+        stmt = (
+            sa.update(steps)
+            .where(self._fenced(key, token, Status.CANCEL_REQUESTED, Status.RUNNING))
+            .values(
+                status=Status.CANCELLED, lease_expires_at=None, finished_at=NOW, updated_at=NOW
+            )
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def request_cancel(self, key: str) -> Status | None:
+        """Ask for cancellation. Returns the status it had, or None if already terminal/absent."""
+        prev = (
+            sa.select(steps.c.idempotency_key.label("key"), steps.c.status.label("was"))
+            .where(steps.c.idempotency_key == key)
+            .subquery()
+        )
+        stmt = (
+            sa.update(steps)
+            .where(
+                steps.c.idempotency_key == prev.c.key,
+                steps.c.status.in_([Status.ENQUEUED, Status.RUNNING]),
+            )
+            .values(status=Status.CANCEL_REQUESTED, updated_at=NOW)
+            .returning(prev.c.was)
+        )
+        with self._tx() as conn:
+            was = conn.execute(stmt).scalar()
+        return Status(was) if was else None
+
+    def abandon(self, key: str, reason: str) -> bool:
+        """ENQUEUED -> FAILED, so that a late delivery will not start it (pick-up timeout)."""
+        stmt = (
+            sa.update(steps)
+            .where(steps.c.idempotency_key == key, steps.c.status == Status.ENQUEUED)
+            .values(status=Status.FAILED, error=reason, finished_at=NOW, updated_at=NOW)
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def dead_letter(self, key: str, *, deliveries: int, reason: str) -> bool:
+        """Mark a step whose message reached the DLQ. True only on the transition.
+
+        A message can reach the DLQ after its step completed (a lost delete): a terminal
+        row is left alone, so no false alarm.
+        """
+        stmt = (
+            sa.update(steps)
+            .where(steps.c.idempotency_key == key, steps.c.status.in_(list(NON_TERMINAL)))
+            .values(
+                status=Status.DEAD_LETTERED,
+                deliveries=sa.func.greatest(steps.c.deliveries, deliveries),
+                error=reason,
+                lease_expires_at=None,
+                finished_at=NOW,
+                updated_at=NOW,
+            )
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def cleanup_expired(self) -> int:
+        """Delete terminal rows past their TTL. Returns how many were deleted."""
+        stmt = sa.delete(steps).where(
+            steps.c.expires_at < NOW, steps.c.status.in_(list(TERMINAL))
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount
+
+    # -- rejected messages ---------------------------------------------------------------
+
+    def record_rejection(
+        self,
+        *,
+        message_id: str,
+        reason: str,
+        detail: str,
+        body: str,
+        worker_id: str | None,
+        idempotency_key: str | None = None,
+    ) -> None:
+        insert = pg_insert(rejected_messages).values(
+            message_id=message_id,
+            idempotency_key=idempotency_key,
+            reason=reason,
+            detail=detail[:2000],
+            body_excerpt=body[:2000],
+            worker_id=worker_id,
+            first_seen_at=NOW,
+            last_seen_at=NOW,
+        )
+        stmt = insert.on_conflict_do_update(
+            index_elements=[rejected_messages.c.message_id],
+            set_={
+                "receive_count": rejected_messages.c.receive_count + 1,
+                "last_seen_at": NOW,
+                "worker_id": insert.excluded.worker_id,
+            },
+        )
+        with self._tx() as conn:
+            conn.execute(stmt)
+
+    def rejections(self) -> list[Mapping[str, Any]]:
+        stmt = sa.select(rejected_messages).order_by(rejected_messages.c.first_seen_at)
+        with self._tx() as conn:
+            return [dict(r) for r in conn.execute(stmt).mappings()]

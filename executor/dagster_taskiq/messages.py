@@ -1,0 +1,209 @@
+"""The step message: what the executor puts on the queue and a worker takes off it.
+
+Versioned JSON. The Dagster step arguments travel as an opaque string (Dagster's own
+serialization, compressed when large) so that this module, which the Lambdas import,
+stays free of dagster. Nothing secret travels: the executor strips the InstanceRef before
+serializing, and workers use their own configured Dagster instance.
+
+Decoding never raises anything but ``MessageRejected``: a worker records the reason and
+lets the message go to the dead-letter queue; it never executes it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import zlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+ENCODING_JSON = "json"
+ENCODING_ZLIB = "zlib+base64"
+# Step arguments above this size are compressed; most are far below it.
+COMPRESS_ABOVE_BYTES = 8_192
+
+RejectReason = Literal["malformed", "unknown_version", "forged", "oversized"]
+
+
+class MessageRejected(Exception):
+    """A message that must not be executed. ``reason`` is one of RejectReason."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason: RejectReason = reason
+        self.detail = detail
+
+
+class MessageTooLarge(Exception):
+    """Raised at launch: the encoded message would not fit in an SQS message."""
+
+
+def idempotency_key(run_id: str, step_key: str, attempt: int) -> str:
+    return f"{run_id}:{step_key}:{attempt}"
+
+
+def payload_hash(step_args: str) -> str:
+    return hashlib.sha256(step_args.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    """One attempt of one step. ``step_args`` is a serialized Dagster ExecuteStepArgs."""
+
+    run_id: str
+    step_key: str
+    attempt: int
+    step_args: str
+    lease_seconds: int
+    enqueued_at: str
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def idempotency_key(self) -> str:
+        return idempotency_key(self.run_id, self.step_key, self.attempt)
+
+    @property
+    def payload_hash(self) -> str:
+        return payload_hash(self.step_args)
+
+    @classmethod
+    def new(
+        cls, run_id: str, step_key: str, attempt: int, step_args: str, lease_seconds: int
+    ) -> StepMessage:
+        return cls(
+            run_id=run_id,
+            step_key=step_key,
+            attempt=attempt,
+            step_args=step_args,
+            lease_seconds=lease_seconds,
+            enqueued_at=datetime.now(UTC).isoformat(),
+        )
+
+
+def _canonical(fields: dict[str, Any]) -> bytes:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _sign(fields: dict[str, Any], key: str) -> str:
+    return hmac.new(key.encode(), _canonical(fields), hashlib.sha256).hexdigest()
+
+
+def encode(message: StepMessage, *, signing_key: str | None, max_bytes: int) -> str:
+    """The message body to send. Raises MessageTooLarge rather than truncating."""
+    raw = message.step_args.encode()
+    if len(raw) > COMPRESS_ABOVE_BYTES:
+        args_field = {
+            "encoding": ENCODING_ZLIB,
+            "data": base64.b64encode(zlib.compress(raw, 6)).decode(),
+        }
+    else:
+        args_field = {"encoding": ENCODING_JSON, "data": message.step_args}
+    fields: dict[str, Any] = {
+        "schema": message.schema,
+        "idempotency_key": message.idempotency_key,
+        "run_id": message.run_id,
+        "step_key": message.step_key,
+        "attempt": message.attempt,
+        "lease_seconds": message.lease_seconds,
+        "enqueued_at": message.enqueued_at,
+        "payload_sha256": message.payload_hash,
+        "step_args": args_field,
+    }
+    if signing_key:
+        fields["signature"] = _sign(fields, signing_key)
+    body = json.dumps(fields, separators=(",", ":"))
+    size = len(body.encode())
+    if size > max_bytes:
+        raise MessageTooLarge(
+            f"The message for step {message.step_key!r} of run {message.run_id} is {size} bytes "
+            f"after compression, more than the limit of {max_bytes} bytes. Reduce what the step "
+            "carries in its run config or known state (large config values belong in resources "
+            "or storage), or raise `max_message_bytes` if your queue allows larger messages "
+            "(SQS allows up to 1048576)."
+        )
+    return body
+
+
+def _require(fields: dict[str, Any], name: str, kind: type) -> Any:
+    value = fields.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise MessageRejected("malformed", f"field {name!r} is missing or not a {kind.__name__}")
+    return value
+
+
+def decode(body: str, *, signing_key: str | None, max_bytes: int) -> StepMessage:
+    """Parse, validate and authenticate a message body. Raises MessageRejected only."""
+    size = len(body.encode("utf-8", errors="replace"))
+    if size > max_bytes:
+        raise MessageRejected("oversized", f"{size} bytes is more than the limit of {max_bytes}")
+    try:
+        fields = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise MessageRejected("malformed", f"not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise MessageRejected("malformed", "not a JSON object")
+    schema = fields.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise MessageRejected(
+            "unknown_version", f"schema {schema!r}; this worker reads schema {SCHEMA_VERSION}"
+        )
+    if signing_key:
+        signature = fields.pop("signature", None)
+        if not isinstance(signature, str) or not hmac.compare_digest(
+            signature, _sign(fields, signing_key)
+        ):
+            raise MessageRejected("forged", "the HMAC signature is missing or does not verify")
+    run_id = _require(fields, "run_id", str)
+    step_key = _require(fields, "step_key", str)
+    attempt = _require(fields, "attempt", int)
+    lease_seconds = _require(fields, "lease_seconds", int)
+    enqueued_at = _require(fields, "enqueued_at", str)
+    expected_hash = _require(fields, "payload_sha256", str)
+    key = _require(fields, "idempotency_key", str)
+    args_field = _require(fields, "step_args", dict)
+    step_args = _decode_step_args(args_field)
+    if attempt < 0 or lease_seconds <= 0:
+        raise MessageRejected("malformed", "attempt must be >= 0 and lease_seconds > 0")
+    message = StepMessage(
+        run_id=run_id,
+        step_key=step_key,
+        attempt=attempt,
+        step_args=step_args,
+        lease_seconds=lease_seconds,
+        enqueued_at=enqueued_at,
+        schema=schema,
+    )
+    if key != message.idempotency_key:
+        raise MessageRejected("malformed", f"idempotency key {key!r} does not match its fields")
+    if expected_hash != message.payload_hash:
+        raise MessageRejected("malformed", "payload hash does not match the step arguments")
+    return message
+
+
+def _decode_step_args(args_field: dict[str, Any]) -> str:
+    encoding = args_field.get("encoding")
+    data = args_field.get("data")
+    if not isinstance(data, str):
+        raise MessageRejected("malformed", "step_args.data is missing or not a string")
+    if encoding == ENCODING_JSON:
+        return data
+    if encoding == ENCODING_ZLIB:
+        try:
+            return zlib.decompress(base64.b64decode(data, validate=True)).decode()
+        except (ValueError, zlib.error) as e:
+            raise MessageRejected("malformed", f"step_args could not be decompressed: {e}") from e
+    raise MessageRejected("malformed", f"unknown step_args encoding {encoding!r}")
+
+
+def peek_key(body: str) -> str | None:
+    """The idempotency key of a body that may not decode, for records and alerts."""
+    try:
+        fields = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    key = fields.get("idempotency_key") if isinstance(fields, dict) else None
+    return key if isinstance(key, str) else None

@@ -1,0 +1,152 @@
+"""The step handler: launch a step as an SQS message, judge its health from the ledger.
+
+Health is read from the ledger and the event log, never from memory, so a resumed run
+(a new run worker process) judges in-flight steps correctly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from dagster import DagsterEvent, MetadataValue
+from dagster._core.events import EngineEventData
+from dagster._core.executor.step_delegating import (
+    CheckStepHealthResult,
+    StepHandler,
+    StepHandlerContext,
+)
+from dagster._serdes import serialize_value
+from dagster_shared.record import copy
+
+from dagster_taskiq.attempts import attempt_outcome
+from dagster_taskiq.ledger import Ledger, Status
+from dagster_taskiq.messages import StepMessage, encode, idempotency_key
+from dagster_taskiq.queue import QueueUnavailable, SqsQueue
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    lease_seconds: int
+    idempotency_key_ttl: int
+    max_message_bytes: int
+    signing_key: str | None
+    pickup_timeout: int | None
+
+
+def step_key_and_attempt(context: StepHandlerContext) -> tuple[str, int]:
+    args = context.execute_step_args
+    keys = args.step_keys_to_execute or []
+    assert len(keys) == 1, "The taskiq executor launches one step per message"
+    step_key = keys[0]
+    attempt = 0
+    if args.known_state is not None:
+        attempt = args.known_state.get_retry_state().get_attempt_count(step_key)
+    return step_key, attempt
+
+
+class SqsStepHandler(StepHandler):
+    def __init__(self, *, queue: SqsQueue, ledger: Ledger, settings: LaunchSettings) -> None:
+        super().__init__()
+        self._queue = queue
+        self._ledger = ledger
+        self._settings = settings
+
+    @property
+    def name(self) -> str:
+        return "SqsStepHandler"
+
+    def _key(self, context: StepHandlerContext) -> tuple[str, str, int]:
+        step_key, attempt = step_key_and_attempt(context)
+        run_id = context.execute_step_args.run_id
+        return idempotency_key(run_id, step_key, attempt), step_key, attempt
+
+    def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
+        key, step_key, attempt = self._key(step_handler_context)
+        run_id = step_handler_context.execute_step_args.run_id
+        # No secret travels: workers use their own instance, never the run worker's ref.
+        args = copy(step_handler_context.execute_step_args, instance_ref=None)
+        message = StepMessage.new(
+            run_id=run_id,
+            step_key=step_key,
+            attempt=attempt,
+            step_args=serialize_value(args),
+            lease_seconds=self._settings.lease_seconds,
+        )
+        # Encoding checks the size before anything is recorded or sent.
+        body = encode(
+            message,
+            signing_key=self._settings.signing_key,
+            max_bytes=self._settings.max_message_bytes,
+        )
+        inserted = self._ledger.enqueue(
+            key,
+            run_id=run_id,
+            step_key=step_key,
+            attempt=attempt,
+            payload_hash=message.payload_hash,
+            ttl_seconds=self._settings.idempotency_key_ttl,
+        )
+        try:
+            message_id = self._queue.send(body, group_id=run_id, dedup_id=key)
+        except QueueUnavailable as e:
+            if inserted:
+                self._ledger.abandon(key, f"The step message could not be sent: {e}")
+            raise
+        yield DagsterEvent.step_worker_starting(
+            step_handler_context.get_step_context(step_key),
+            message=f'Queued step "{step_key}" (attempt {attempt + 1}) on {self._queue.url}.',
+            metadata={
+                "idempotency_key": MetadataValue.text(key),
+                "message_id": MetadataValue.text(message_id),
+                "queue_url": MetadataValue.text(self._queue.url),
+            },
+        )
+
+    def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
+        key, step_key, attempt = self._key(step_handler_context)
+        record = self._ledger.get(key)
+        if record is None:
+            return CheckStepHealthResult.unhealthy(
+                f"No ledger record for {key}: the step was never queued, or its record expired."
+            )
+        status = record.status
+        if status is Status.DEAD_LETTERED:
+            return CheckStepHealthResult.unhealthy(
+                f"Step {step_key} was dead-lettered after {record.deliveries} deliveries: "
+                f"{record.error or 'no worker could complete it'}"
+            )
+        if status is Status.ENQUEUED:
+            timeout = self._settings.pickup_timeout
+            if timeout and record.age_seconds > timeout:
+                reason = (
+                    f"Step {step_key} was not picked up by any worker within {timeout} s. "
+                    f"Are workers running and consuming {self._queue.url}?"
+                )
+                # Only if no worker claimed it meanwhile: a late worker then finds it terminal.
+                if self._ledger.abandon(key, reason):
+                    return CheckStepHealthResult.unhealthy(reason)
+            return CheckStepHealthResult.healthy()
+        if status in (Status.SUCCEEDED, Status.FAILED):
+            # The worker writes the step's events before it records completion, so a
+            # completed attempt without an ending in the event log never ran to one.
+            instance = step_handler_context.instance
+            run_id = step_handler_context.execute_step_args.run_id
+            if attempt_outcome(instance, run_id, step_key, attempt) is not None:
+                return CheckStepHealthResult.healthy()
+            return CheckStepHealthResult.unhealthy(
+                f"Step {step_key} ended without running: {record.error or status.value}"
+            )
+        # RUNNING (a live lease, or an expired one awaiting redelivery) and cancellation.
+        return CheckStepHealthResult.healthy()
+
+    def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
+        key, step_key, _ = self._key(step_handler_context)
+        was = self._ledger.request_cancel(key)
+        if was is None:
+            return
+        yield DagsterEvent.engine_event(
+            step_handler_context.get_step_context(step_key),
+            message=f"Requested cancellation of step {step_key} ({was.value.lower()}).",
+            event_specific_data=EngineEventData(),
+        )

@@ -1,0 +1,53 @@
+"""Worker settings, from the command line or environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from dagster_taskiq.settings import DEFAULT_MAX_MESSAGE_BYTES
+
+
+def default_worker_id() -> str:
+    task_arn = os.environ.get("ECS_TASK_ARN")
+    base = task_arn.rsplit("/", 1)[-1] if task_arn else socket.gethostname()
+    return f"{base}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class CodeLocation:
+    """A module name or a Python file whose jobs this worker may run."""
+
+    target: str
+
+    @property
+    def is_file(self) -> bool:
+        return self.target.endswith(".py") or os.sep in self.target
+
+    @classmethod
+    def parse_many(cls, value: str | None) -> tuple[CodeLocation, ...]:
+        if not value:
+            return ()
+        return tuple(cls(part.strip()) for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    queue_url: str
+    database_url: str
+    code_locations: tuple[CodeLocation, ...]
+    region: str | None = None
+    endpoint_url: str | None = None
+    concurrency: int = 2
+    signing_key: str | None = None
+    max_steps_per_process: int = 200
+    wait_seconds: int = 20
+    stop_timeout: float = 100.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Heartbeats run every lease/3, but at least this often, so a cancel lands quickly.
+    max_heartbeat_interval: float = 10.0
+    # Seconds a cancelled step gets to stop after its interrupt before it is killed.
+    cancel_grace: float = 10.0
+    worker_id: str = field(default_factory=default_worker_id)

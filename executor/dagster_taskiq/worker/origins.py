@@ -1,0 +1,43 @@
+"""The code-location allow-list: a worker runs only jobs from code it was told to run.
+
+A message names the job by its Python origin (a module, package or file and an
+attribute). The worker loads that code in-process, so an origin outside the allow-list
+is refused before anything is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dagster._core.code_pointer import (
+    CodePointer,
+    FileCodePointer,
+    ModuleCodePointer,
+    PackageCodePointer,
+)
+from dagster._core.origin import JobPythonOrigin
+
+from dagster_taskiq.worker.config import CodeLocation
+
+
+def _describe(pointer: CodePointer) -> tuple[str, str]:
+    if isinstance(pointer, ModuleCodePointer | PackageCodePointer):
+        return "module", pointer.module
+    if isinstance(pointer, FileCodePointer):
+        return "file", os.path.realpath(pointer.python_file)
+    return "other", pointer.describe()
+
+
+def origin_allowed(origin: JobPythonOrigin, locations: tuple[CodeLocation, ...]) -> str | None:
+    """None if the job's code is in one of the locations, else the reason it is refused."""
+    kind, target = _describe(origin.get_repo_pointer())
+    for location in locations:
+        if kind == "file" and location.is_file and os.path.realpath(location.target) == target:
+            return None
+        if kind == "module" and not location.is_file and location.target == target:
+            return None
+    allowed = ", ".join(c.target for c in locations) or "none"
+    return (
+        f"Refused: job {origin.job_name!r} comes from {kind} {target!r}, which is not one of "
+        f"this worker's code locations ({allowed}). Add it with --code-location."
+    )

@@ -1,0 +1,36 @@
+"""Assemble a worker from its settings: queue, ledger, Dagster instance."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dagster_taskiq.ledger import Ledger
+from dagster_taskiq.queue import SqsQueue
+from dagster_taskiq.settings import ENV_DATABASE_URL, ConfigurationError
+from dagster_taskiq.worker.config import WorkerSettings
+from dagster_taskiq.worker.supervisor import Worker
+
+
+def _instance_database_url() -> str | None:
+    from dagster import DagsterInstance
+
+    from dagster_taskiq.executor import _instance_postgres_url
+
+    instance = DagsterInstance.get()
+    try:
+        return _instance_postgres_url(instance)
+    finally:
+        instance.dispose()
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    database_url = settings.database_url or _instance_database_url()
+    if not database_url:
+        raise ConfigurationError(
+            f"No ledger database: pass --database-url or set {ENV_DATABASE_URL}, or give the "
+            "worker a Dagster instance with dagster-postgres storage (DAGSTER_HOME)."
+        )
+    settings = dataclasses.replace(settings, database_url=database_url)
+    queue = SqsQueue(settings.queue_url, region=settings.region, endpoint_url=settings.endpoint_url)
+    ledger = Ledger(database_url, pool_size=settings.concurrency + 2)
+    return Worker(settings, queue=queue, ledger=ledger).run()

@@ -1,0 +1,157 @@
+"""A warm step process: imports Dagster and the code locations once, then runs one step
+at a time on its main thread, where Dagster's interrupt handling works.
+
+The supervisor talks to it over a pipe: a StepTask in, a StepResult out. SIGINT
+interrupts the running step (cancellation); SIGKILL ends it without a word (lease lost,
+shutdown release), so that no ending is written for an attempt another worker will run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from dagster_taskiq.worker.config import CodeLocation
+from dagster_taskiq.worker.execution import StepResult, StepTask
+
+_spawn = multiprocessing.get_context("spawn")
+
+
+class StepProcessDied(Exception):
+    def __init__(self, exitcode: int | None) -> None:
+        super().__init__(f"the step process exited with code {exitcode}")
+        self.exitcode = exitcode
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Die with the supervisor: a SIGKILLed worker must not leave steps running."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(70)
+        time.sleep(0.5)
+
+
+def _preload(locations: tuple[CodeLocation, ...]) -> None:
+    import importlib
+
+    from dagster._core.code_pointer import load_python_file
+
+    for location in locations:
+        try:
+            if location.is_file:
+                load_python_file(location.target, None)
+            else:
+                importlib.import_module(location.target)
+        except Exception as e:  # noqa: BLE001 - a bad location fails its steps, not the worker
+            print(f"dagster-taskiq: could not preload code location {location.target}: {e}")
+
+
+def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...]) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    # SIGTERM goes to the supervisor, which decides when steps stop.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    from dagster import DagsterInstance
+    from dagster._utils.interrupts import capture_interrupts, pop_captured_interrupt
+
+    from dagster_taskiq.worker.execution import execute
+
+    instance = DagsterInstance.get()
+    _preload(locations)
+    conn.send("ready")
+    with capture_interrupts():
+        while True:
+            try:
+                task: StepTask | None = conn.recv()
+            except (EOFError, OSError):
+                return
+            if task is None:
+                return
+            pop_captured_interrupt()  # an interrupt meant for the previous step
+            conn.send(execute(instance, task))
+
+
+@dataclass
+class StepProcess:
+    """The supervisor's handle on one step process."""
+
+    process: Any
+    conn: Connection
+    steps_run: int = 0
+
+    @classmethod
+    def start(cls, locations: tuple[CodeLocation, ...], *, ready_timeout: float = 120.0) -> StepProcess:
+        parent_conn, child_conn = _spawn.Pipe()
+        process = _spawn.Process(
+            target=main,
+            args=(child_conn, os.getpid(), locations),
+            name="dagster-taskiq-step",
+            daemon=True,
+        )
+        process.start()
+        child_conn.close()
+        handle = cls(process=process, conn=parent_conn)
+        ready = multiprocessing.connection.wait([parent_conn, process.sentinel], ready_timeout)
+        if parent_conn not in ready:
+            handle.kill()
+            raise StepProcessDied(process.exitcode)
+        try:
+            parent_conn.recv()
+        except EOFError as e:
+            raise StepProcessDied(process.exitcode) from e
+        return handle
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+    def run(self, task: StepTask) -> StepResult:
+        """Run the task; returns its result or raises StepProcessDied."""
+        self.steps_run += 1
+        try:
+            self.conn.send(task)
+            while True:
+                ready = multiprocessing.connection.wait([self.conn, self.process.sentinel])
+                if self.conn in ready:
+                    result: StepResult = self.conn.recv()
+                    return result
+                if self.process.sentinel in ready:
+                    raise StepProcessDied(self.process.exitcode)
+        except (EOFError, OSError, BrokenPipeError) as e:
+            self.process.join(5)
+            raise StepProcessDied(self.process.exitcode) from e
+
+    def interrupt(self) -> None:
+        self._signal(signal.SIGINT)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+        self.process.join(10)
+
+    def _signal(self, sig: int) -> None:
+        if self.process.is_alive():
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, BrokenPipeError):
+            pass
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.kill()
+        self.conn.close()
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.process.is_alive())

@@ -1,0 +1,476 @@
+"""The worker supervisor: receives step messages and runs them in warm step processes.
+
+One slot per step process. A receiver thread long-polls SQS for no more messages than
+there are idle slots and hands each to a slot; the slot's thread runs the protocol
+(decode, claim, execute, complete, delete) with plain blocking calls. A heartbeat thread
+keeps the leases alive. SIGTERM stops receiving, lets running steps finish within the
+stop timeout, and gives back the rest so another worker takes them over at once.
+
+A message is deleted only after its completion was recorded under this worker's fencing
+token, or when the ledger says it must never run (already terminal, cancelled). Nothing
+else deletes: every other path leaves the message to SQS, to be delivered again or to
+reach the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as stdlib_queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from aws_lambda_powertools import Logger
+
+from dagster_taskiq.ledger import Claim, ClaimOutcome, Ledger, LedgerUnavailable
+from dagster_taskiq.messages import MessageRejected, StepMessage, decode, peek_key
+from dagster_taskiq.observability import MetricUnit, emit_metric
+from dagster_taskiq.queue import QueueUnavailable, ReceivedMessage, SqsQueue
+from dagster_taskiq.worker.config import WorkerSettings
+from dagster_taskiq.worker.execution import Outcome, StepResult, StepTask, load_step_args
+from dagster_taskiq.worker.heartbeat import Heartbeat, Lease, LeaseState
+from dagster_taskiq.worker.origins import origin_allowed
+from dagster_taskiq.worker.protection import ENV_AGENT_URI, TaskProtection
+from dagster_taskiq.worker.step_process import StepProcess, StepProcessDied
+
+
+class Backoff:
+    """Exponential back-off with a cap, reset on success."""
+
+    def __init__(self, first: float = 1.0, cap: float = 30.0) -> None:
+        self.first, self.cap, self.next = first, cap, first
+
+    def wait(self, stop: threading.Event) -> float:
+        delay, self.next = self.next, min(self.cap, self.next * 2)
+        stop.wait(delay)
+        return delay
+
+    def reset(self) -> None:
+        self.next = self.first
+
+
+class Slot:
+    """One step process and the thread that feeds it."""
+
+    def __init__(self, index: int, worker: Worker) -> None:
+        self.index = index
+        self.worker = worker
+        self.inbox: stdlib_queue.Queue[ReceivedMessage | None] = stdlib_queue.Queue()
+        self.process: StepProcess | None = None
+        self.lease: Lease | None = None
+        self.busy = False
+        self.thread = threading.Thread(target=self._loop, name=f"slot-{index}", daemon=True)
+
+    # -- the slot thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        self._ensure_process()
+        self.worker.slot_idle(self)
+        while True:
+            received = self.inbox.get()
+            if received is None:
+                break
+            self.busy = True
+            try:
+                self.worker.handle(self, received)
+            except Exception:
+                self.worker.log.exception("Unexpected error handling a message; it stays queued")
+            finally:
+                self.busy = False
+            if not self.worker.stopping.is_set():
+                self._ensure_process()
+                self.worker.slot_idle(self)
+        if self.process is not None:
+            self.process.stop()
+
+    def _ensure_process(self) -> None:
+        settings = self.worker.settings
+        if self.process is not None and (
+            not self.process.alive or self.process.steps_run >= settings.max_steps_per_process
+        ):
+            self.process.stop()  # recycled to bound memory, or dead
+            self.process = None
+        backoff = Backoff()
+        while self.process is None and not self.worker.stopping.is_set():
+            try:
+                self.process = StepProcess.start(settings.code_locations)
+            except (StepProcessDied, OSError) as e:
+                self.worker.log.error("Could not start a step process", extra={"error": str(e)})
+                backoff.wait(self.worker.stopping)
+
+    # -- called from other threads -------------------------------------------------------
+
+    def on_lease_change(self, lease: Lease) -> None:
+        process = self.process
+        if process is None:
+            return
+        if lease.state is LeaseState.CANCEL_REQUESTED:
+            process.interrupt()
+            threading.Timer(self.worker.settings.cancel_grace, self._kill_if_still, [lease]).start()
+        else:  # LOST or RELEASING: stop without writing an ending for this attempt
+            process.kill()
+
+    def _kill_if_still(self, lease: Lease) -> None:
+        if self.lease is lease and self.process is not None:
+            self.process.kill()
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, *, queue: SqsQueue, ledger: Ledger) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.ledger = ledger
+        self.log = Logger(service="dagster-taskiq-worker")
+        self.log.append_keys(worker_id=settings.worker_id)
+        self.stopping = threading.Event()  # no new messages
+        self.protection = TaskProtection(os.environ.get(ENV_AGENT_URI) or None, self.log)
+        self.heartbeat = Heartbeat(
+            ledger=ledger,
+            queue=queue,
+            protection=self.protection,
+            log=self.log,
+            max_interval=settings.max_heartbeat_interval,
+        )
+        self.slots = [Slot(i, self) for i in range(settings.concurrency)]
+        self._idle: stdlib_queue.Queue[Slot] = stdlib_queue.Queue()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.log.info(
+            "Worker starting",
+            extra={
+                "queue_url": self.queue.url,
+                "concurrency": self.settings.concurrency,
+                "code_locations": [c.target for c in self.settings.code_locations],
+                "signed_messages_only": bool(self.settings.signing_key),
+                "task_protection": self.protection.enabled,
+            },
+        )
+        if not self._wait_for_ledger():
+            return 0
+        for slot in self.slots:
+            slot.thread.start()
+        self.heartbeat.start()
+        receiver = threading.Thread(target=self._receive_loop, name="receiver", daemon=True)
+        receiver.start()
+        self.stopping.wait()
+        self._drain()
+        return 0
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if not self.stopping.is_set():
+            self.log.info("Stopping: no new steps", extra={"signal": signal.Signals(signum).name})
+        self.stopping.set()
+
+    def _wait_for_ledger(self) -> bool:
+        backoff = Backoff()
+        while not self.stopping.is_set():
+            try:
+                self.ledger.ensure_schema()
+                return True
+            except LedgerUnavailable as e:
+                delay = backoff.next
+                self.log.error(
+                    f"Ledger unreachable; retrying in {delay:.0f} s", extra={"error": str(e)}
+                )
+                backoff.wait(self.stopping)
+        return False
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.settings.stop_timeout
+        while any(s.busy for s in self.slots) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for slot in self.slots:
+            lease = slot.lease
+            if slot.busy and lease is not None:
+                self.log.info("Releasing a running step", extra={"idempotency_key": lease.key})
+                lease.move_to(LeaseState.RELEASING)
+        for slot in self.slots:
+            slot.inbox.put(None)
+        for slot in self.slots:
+            if slot.thread.is_alive():
+                slot.thread.join(30)
+        self.heartbeat.stop()
+        self.log.info("Worker stopped")
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def slot_idle(self, slot: Slot) -> None:
+        self._idle.put(slot)
+
+    def _receive_loop(self) -> None:
+        backoff = Backoff()
+        while not self.stopping.is_set():
+            try:
+                first = self._idle.get(timeout=0.5)
+            except stdlib_queue.Empty:
+                continue
+            idle = [first]
+            while True:
+                try:
+                    idle.append(self._idle.get_nowait())
+                except stdlib_queue.Empty:
+                    break
+            try:
+                messages = self.queue.receive(
+                    max_messages=len(idle),
+                    wait_seconds=self.settings.wait_seconds,
+                    visibility_timeout=60,
+                )
+                backoff.reset()
+            except QueueUnavailable as e:
+                self.log.error(
+                    f"SQS unreachable; retrying in {backoff.next:.0f} s", extra={"error": str(e)}
+                )
+                messages = []
+                backoff.wait(self.stopping)
+            for received in messages:
+                if self.stopping.is_set():
+                    self._give_back(received)
+                else:
+                    idle.pop().inbox.put(received)
+            for slot in idle:
+                self._idle.put(slot)
+
+    def _give_back(self, received: ReceivedMessage) -> None:
+        try:
+            self.queue.change_visibility(received.receipt_handle, 0)
+        except QueueUnavailable as e:
+            self.log.warning("Could not give a message back", extra={"error": str(e)})
+
+    # -- the protocol, on a slot's thread ------------------------------------------------
+
+    def handle(self, slot: Slot, received: ReceivedMessage) -> None:
+        settings = self.settings
+        try:
+            message = decode(
+                received.body,
+                signing_key=settings.signing_key,
+                max_bytes=settings.max_message_bytes,
+            )
+        except MessageRejected as e:
+            self._reject(received, e.reason, e.detail)
+            return
+        try:
+            args = load_step_args(message.step_args)
+        except Exception as e:  # noqa: BLE001 - any failure to read the args is malformed
+            self._reject(received, "malformed", f"step arguments do not deserialize: {e}")
+            return
+
+        try:
+            claim = self.ledger.claim(
+                message.idempotency_key,
+                worker_id=settings.worker_id,
+                lease_seconds=message.lease_seconds,
+                payload_hash=message.payload_hash,
+                deliveries=received.receive_count,
+            )
+        except LedgerUnavailable as e:
+            self.log.error("Ledger unreachable; the message stays queued", extra={"error": str(e)})
+            self._hide(received, 10)
+            self.stopping.wait(5)
+            return
+
+        outcome = claim.outcome
+        if outcome is ClaimOutcome.CLAIMED:
+            refusal = origin_allowed(args.job_origin, settings.code_locations)
+            if refusal is not None:
+                self._complete(message, claim.fencing_token, received, succeeded=False, error=refusal)
+                return
+            self._run(slot, message, claim, received)
+        elif outcome is ClaimOutcome.DUPLICATE:
+            emit_metric("DuplicatesSuppressed", 1)
+            self.log.info("Duplicate delivery suppressed", extra=self._keys(message, claim))
+            self._delete(received)
+        elif outcome is ClaimOutcome.CANCELLED:
+            self.log.info("Cancelled before it started", extra=self._keys(message, claim))
+            self._delete(received)
+        elif outcome is ClaimOutcome.BUSY:
+            # Held by a live lease elsewhere: look again when that lease would run out.
+            self._hide(received, int(claim.lease_remaining_seconds) + 1)
+        elif outcome is ClaimOutcome.UNKNOWN:
+            self._reject(received, "unknown_key", "no ledger record for this idempotency key")
+        else:
+            self._reject(received, "mismatch", "the payload differs from the one launched")
+
+    def _run(self, slot: Slot, message: StepMessage, claim: Claim, received: ReceivedMessage) -> None:
+        token = claim.fencing_token
+        lease = Lease(
+            key=message.idempotency_key,
+            token=token,
+            receipt_handle=received.receipt_handle,
+            lease_seconds=message.lease_seconds,
+            on_change=slot.on_lease_change,
+        )
+        slot.lease = lease
+        self.heartbeat.add(lease)
+        self.protection.step_started()
+        self._hide(received, message.lease_seconds)
+        keys = self._keys(message, claim)
+        if claim.is_takeover:
+            self.log.info("Taking over a step whose worker lost its lease", extra=keys)
+        emit_metric("StepsStarted", 1)
+        self.log.info("Step started", extra=keys)
+        task = StepTask(
+            message=message,
+            fencing_token=token,
+            worker_id=self.settings.worker_id,
+            delivery=received.receive_count,
+            previous_worker=claim.previous_worker if claim.is_takeover else None,
+        )
+        assert slot.process is not None
+        try:
+            result: StepResult | None = slot.process.run(task)
+            died: StepProcessDied | None = None
+        except StepProcessDied as e:
+            result, died = None, e
+        try:
+            self._finish(message, token, received, lease, result, died)
+        finally:
+            self.heartbeat.remove(lease)
+            self.protection.step_finished()
+            slot.lease = None
+
+    def _finish(
+        self,
+        message: StepMessage,
+        token: int,
+        received: ReceivedMessage,
+        lease: Lease,
+        result: StepResult | None,
+        died: StepProcessDied | None,
+    ) -> None:
+        key = message.idempotency_key
+        if lease.state is LeaseState.LOST:
+            # Someone else may hold the step now; record nothing, delete nothing.
+            self.log.warning("Step stopped: lease lost", extra={"idempotency_key": key})
+            return
+        if lease.state is LeaseState.RELEASING or result is None:
+            reason = (
+                "released: worker shutting down"
+                if lease.state is LeaseState.RELEASING
+                else f"step process died: {died}"
+            )
+            self.log.warning("Step given back to the queue", extra={"idempotency_key": key, "reason": reason})
+            self._retrying(lambda: self.ledger.release(key, token, reason), lease)
+            self._hide(received, 0)
+            return
+        if result.outcome in (Outcome.INTERRUPTED, Outcome.NOT_STARTED):
+            if self._retrying(lambda: self.ledger.finish_cancel(key, token), lease):
+                self._delete(received)
+            self.log.info("Step cancelled", extra={"idempotency_key": key, "detail": result.detail})
+            return
+        if result.outcome is Outcome.ALREADY_ENDED:
+            emit_metric("DuplicatesSuppressed", 1)
+        self._complete(
+            message,
+            token,
+            received,
+            succeeded=result.succeeded,
+            error=None if result.succeeded else result.detail,
+            lease=lease,
+            duplicate=result.outcome is Outcome.ALREADY_ENDED,
+        )
+        emit_metric("StepsSucceeded" if result.succeeded else "StepsFailed", 1)
+        emit_metric("StepDuration", result.seconds, MetricUnit.Seconds)
+        self.log.info(
+            "Step finished",
+            extra={
+                "idempotency_key": key,
+                "outcome": result.outcome.value,
+                "seconds": round(result.seconds, 3),
+                "detail": result.detail,
+            },
+        )
+
+    def _complete(
+        self,
+        message: StepMessage,
+        token: int,
+        received: ReceivedMessage,
+        *,
+        succeeded: bool,
+        error: str | None,
+        lease: Lease | None = None,
+        duplicate: bool = False,
+    ) -> None:
+        key = message.idempotency_key
+        recorded = self._retrying(
+            lambda: self.ledger.complete(
+                key, token, succeeded=succeeded, error=error, duplicate=duplicate
+            ),
+            lease,
+        )
+        if recorded:
+            self._delete(received)
+        else:
+            self.log.warning(
+                "Completion not recorded: this worker no longer holds the step",
+                extra={"idempotency_key": key, "token": token},
+            )
+
+    def _retrying(self, action: Callable[[], bool], lease: Lease | None) -> bool:
+        """Run a ledger write, retrying through an outage while the lease can still hold."""
+        backoff = Backoff(0.5, 5.0)
+        deadline = time.monotonic() + (lease.lease_seconds if lease else 30)
+        while True:
+            try:
+                return action()
+            except LedgerUnavailable as e:
+                if time.monotonic() + backoff.next > deadline:
+                    self.log.error("Ledger unreachable; giving up, SQS will redeliver", extra={"error": str(e)})
+                    return False
+                self.log.warning("Ledger unreachable; retrying", extra={"error": str(e)})
+                backoff.wait(threading.Event())
+
+    def _delete(self, received: ReceivedMessage) -> None:
+        for attempt in range(3):
+            try:
+                self.queue.delete(received.receipt_handle)
+                return
+            except QueueUnavailable as e:
+                self.log.warning("Delete failed", extra={"error": str(e), "try": attempt + 1})
+                time.sleep(1 + attempt)
+        # Redelivered later and suppressed as a duplicate: safe, only wasteful.
+
+    def _hide(self, received: ReceivedMessage, seconds: int) -> None:
+        try:
+            self.queue.change_visibility(received.receipt_handle, seconds)
+        except QueueUnavailable as e:
+            self.log.warning("Could not change message visibility", extra={"error": str(e)})
+
+    def _reject(self, received: ReceivedMessage, reason: str, detail: str) -> None:
+        """Never executed: recorded, then left to SQS to redeliver until it dead-letters."""
+        emit_metric("MessagesRejected", 1, reason=reason)
+        self.log.error(
+            "Message rejected",
+            extra={"message_id": received.message_id, "reason": reason, "detail": detail},
+        )
+        try:
+            self.ledger.record_rejection(
+                message_id=received.message_id,
+                reason=reason,
+                detail=detail,
+                body=received.body,
+                worker_id=self.settings.worker_id,
+                idempotency_key=peek_key(received.body),
+            )
+        except LedgerUnavailable as e:
+            self.log.warning("Could not record the rejection", extra={"error": str(e)})
+        self._hide(received, 0)
+
+    @staticmethod
+    def _keys(message: StepMessage, claim: Claim) -> dict[str, object]:
+        return {
+            "idempotency_key": message.idempotency_key,
+            "run_id": message.run_id,
+            "step_key": message.step_key,
+            "attempt": message.attempt,
+            "fencing_token": claim.fencing_token,
+            "previous_worker": claim.previous_worker,
+        }
