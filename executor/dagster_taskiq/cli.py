@@ -50,12 +50,36 @@ def cli() -> None:
     help="Module name or Python file whose jobs this worker runs; repeatable. "
     f"[${ENV_CODE_LOCATIONS}, comma-separated]",
 )
-@click.option("--signing-key", envvar=ENV_SIGNING_KEY, help=f"Accept only signed messages. [${ENV_SIGNING_KEY}]")
+@click.option(
+    "--signing-key",
+    envvar=ENV_SIGNING_KEY,
+    help=f"Accept only signed messages. [${ENV_SIGNING_KEY}]",
+)
 @click.option("--aws-region", envvar=ENV_REGION, help=f"[${ENV_REGION}]")
-@click.option("--endpoint-url", envvar=ENV_ENDPOINT_URL, help=f"SQS endpoint override. [${ENV_ENDPOINT_URL}]")
-@click.option("--max-steps-per-process", type=click.IntRange(1), default=200, show_default=True, help="Recycle a step process after this many steps, to bound memory.")
-@click.option("--wait-seconds", type=click.IntRange(0, 20), default=20, show_default=True, help="SQS long-poll wait.")
-@click.option("--stop-timeout", type=float, default=100.0, show_default=True, help="Seconds running steps get to finish after SIGTERM before they are given back.")
+@click.option(
+    "--endpoint-url", envvar=ENV_ENDPOINT_URL, help=f"SQS endpoint override. [${ENV_ENDPOINT_URL}]"
+)
+@click.option(
+    "--max-steps-per-process",
+    type=click.IntRange(1),
+    default=200,
+    show_default=True,
+    help="Recycle a step process after this many steps, to bound memory.",
+)
+@click.option(
+    "--wait-seconds",
+    type=click.IntRange(0, 20),
+    default=20,
+    show_default=True,
+    help="SQS long-poll wait.",
+)
+@click.option(
+    "--stop-timeout",
+    type=float,
+    default=100.0,
+    show_default=True,
+    help="Seconds running steps get to finish after SIGTERM before they are given back.",
+)
 @click.option("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, show_default=True)
 def worker(
     queue_url: str,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dagster import (
+    DagsterError,
     Field,
     IntSource,
     Noneable,
@@ -41,7 +42,6 @@ from dagster_taskiq.settings import (
     ENV_SIGNING_KEY,
     ConfigurationError,
     env_or,
-    redact_url,
 )
 from dagster_taskiq.step_handler import LaunchSettings, SqsStepHandler
 
@@ -118,15 +118,19 @@ TASKIQ_EXECUTOR_CONFIG = {
         default_value=None,
         description="Fail a step that no worker picked up within this many seconds.",
     ),
-    "retries": get_retries_config(),
+    "retries": get_retries_config(),  # type: ignore[no-untyped-call]
     "max_concurrent": Field(
         IntSource,
         is_required=False,
         description="Most steps of one run in flight at once. Default: no limit.",
     ),
-    "tag_concurrency_limits": get_tag_concurrency_limits_config(),
-    "step_dependency_config": get_step_dependency_config_field(),
+    "tag_concurrency_limits": get_tag_concurrency_limits_config(),  # type: ignore[no-untyped-call]
+    "step_dependency_config": get_step_dependency_config_field(),  # type: ignore[no-untyped-call]
 }
+
+
+class TaskiqExecutorConfigError(DagsterError):
+    """A wrong or missing setting, raised at run start; Dagster fails the run with it."""
 
 
 @dataclass(frozen=True)
@@ -185,8 +189,7 @@ def connect(settings: ExecutorSettings) -> tuple[SqsQueue, Ledger]:
         ledger.ensure_schema()
     except LedgerUnavailable as e:
         raise ConfigurationError(
-            f"taskiq_executor cannot reach its ledger database "
-            f"{redact_url(settings.database_url)}: {e}. Check `database_url` "
+            f"taskiq_executor cannot reach its ledger. {e}. Check `database_url` "
             f"(or {ENV_DATABASE_URL}) and that the database accepts connections."
         ) from e
     queue = SqsQueue(settings.queue_url, region=settings.region, endpoint_url=settings.endpoint_url)
@@ -245,9 +248,12 @@ def taskiq_executor(init_context: InitExecutorContext) -> Executor:
         @job(executor_def=taskiq_executor.configured({"queue_url": {"env": "QUEUE_URL"}}))
         def my_job(): ...
     """
-    config = dict(init_context.executor_config)
-    settings = ExecutorSettings.resolve(config, init_context.instance)
-    queue, ledger = connect(settings)
+    config: dict[str, Any] = dict(init_context.executor_config)
+    try:
+        settings = ExecutorSettings.resolve(config, init_context.instance)
+        queue, ledger = connect(settings)
+    except ConfigurationError as e:
+        raise TaskiqExecutorConfigError(str(e)) from e
     return StepDelegatingExecutor(
         SqsStepHandler(queue=queue, ledger=ledger, settings=settings.launch),
         retries=RetryMode.from_config(config["retries"]),  # type: ignore[arg-type]
@@ -259,6 +265,6 @@ def taskiq_executor(init_context: InitExecutorContext) -> Executor:
         # Dagster's verify_step would fail such a run as "unknown state".
         should_verify_step=False,
         step_dependency_config=StepDependencyConfig.from_config(
-            config.get("step_dependency_config")  # type: ignore[arg-type]
+            config.get("step_dependency_config")
         ),
     )

@@ -47,9 +47,7 @@ class Status(enum.StrEnum):
         return self in TERMINAL
 
 
-TERMINAL = frozenset(
-    {Status.SUCCEEDED, Status.FAILED, Status.DEAD_LETTERED, Status.CANCELLED}
-)
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.DEAD_LETTERED, Status.CANCELLED})
 NON_TERMINAL = frozenset(Status) - TERMINAL
 
 metadata = sa.MetaData()
@@ -129,6 +127,7 @@ class StepRecord:
     def from_row(cls, row: RowMapping) -> StepRecord:
         values = {name: row[name] for name in cls.__dataclass_fields__}
         values["status"] = Status(row["status"])
+        values["age_seconds"] = float(row["age_seconds"])
         return cls(**values)
 
 
@@ -356,9 +355,7 @@ class Ledger:
                 return Claim(ClaimOutcome.CANCELLED, record=record)
         remaining = conn.execute(
             sa.select(
-                sa.func.greatest(
-                    sa.func.extract("epoch", steps.c.lease_expires_at - NOW), 0
-                )
+                sa.func.greatest(sa.func.extract("epoch", steps.c.lease_expires_at - NOW), 0)
             ).where(steps.c.idempotency_key == key)
         ).scalar()
         return Claim(
@@ -432,9 +429,7 @@ class Ledger:
         stmt = (
             sa.update(steps)
             .where(self._fenced(key, token, Status.CANCEL_REQUESTED, Status.RUNNING))
-            .values(
-                status=Status.CANCELLED, lease_expires_at=None, finished_at=NOW, updated_at=NOW
-            )
+            .values(status=Status.CANCELLED, lease_expires_at=None, finished_at=NOW, updated_at=NOW)
         )
         with self._tx() as conn:
             return conn.execute(stmt).rowcount == 1
@@ -492,9 +487,7 @@ class Ledger:
 
     def cleanup_expired(self) -> int:
         """Delete terminal rows past their TTL. Returns how many were deleted."""
-        stmt = sa.delete(steps).where(
-            steps.c.expires_at < NOW, steps.c.status.in_(list(TERMINAL))
-        )
+        stmt = sa.delete(steps).where(steps.c.expires_at < NOW, steps.c.status.in_(list(TERMINAL)))
         with self._tx() as conn:
             return conn.execute(stmt).rowcount
 

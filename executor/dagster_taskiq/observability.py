@@ -34,5 +34,5 @@ def emit_metric(
         ) as metric:
             for key, dim in dimensions.items():
                 metric.add_dimension(name=key, value=dim)
-    except Exception:  # noqa: BLE001 - metrics are best effort by design
+    except Exception:
         pass

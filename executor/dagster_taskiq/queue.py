@@ -171,7 +171,7 @@ def create_queue_with_dlq(
     fifo = name.endswith(".fifo")
     base = name.removesuffix(".fifo")
     dlq_name = f"{base}-dlq.fifo" if fifo else f"{base}-dlq"
-    fifo_attrs = {"FifoQueue": "true"} if fifo else {}
+    fifo_attrs: dict[Any, str] = {"FifoQueue": "true"} if fifo else {}
     dlq_url = client.create_queue(
         QueueName=dlq_name,
         # Longer than the main queue's, so a dead letter outlives the original.

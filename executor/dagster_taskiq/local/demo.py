@@ -34,7 +34,11 @@ def summarize(stack: LocalStack, run_id: str, wall_seconds: float) -> dict[str, 
         "attempts": len(records),
         "retried_steps": len({r.step_key for r in records if r.attempt > 0}),
         "duplicates_suppressed": sum(r.duplicates_suppressed for r in records),
-        "ledger": {s.value: sum(1 for r in records if r.status is s) for s in Status if any(r.status is s for r in records)},
+        "ledger": {
+            s.value: sum(1 for r in records if r.status is s)
+            for s in Status
+            if any(r.status is s for r in records)
+        },
         "workers": sum(pool.size for pool in stack.pools),
         "wall_seconds": round(wall_seconds, 2),
     }

@@ -4,7 +4,6 @@
 executor and the workers take their endpoints from the environment the local stack sets.
 """
 
-
 import time
 
 from dagster import (

@@ -154,6 +154,13 @@ def _failure_message(event: DagsterEvent) -> str:
     if event.event_type == DagsterEventType.STEP_UP_FOR_RETRY:
         return "up for retry"
     data = event.step_failure_data
-    if data is not None and data.error is not None:
-        return data.error.message.strip()
-    return event.message or "step failed"
+    if data is None or data.error is None:
+        return event.message or "step failed"
+    # Dagster wraps the op's exception; the ledger keeps both ends of the chain.
+    error, root = data.error, data.error
+    while root.cause is not None:
+        root = root.cause
+    summary = error.message.strip()
+    if root is not error:
+        summary += f" Caused by {root.message.strip()}"
+    return summary

@@ -8,6 +8,7 @@ shutdown release), so that no ending is written for an attempt another worker wi
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -49,7 +50,7 @@ def _preload(locations: tuple[CodeLocation, ...]) -> None:
                 load_python_file(location.target, None)
             else:
                 importlib.import_module(location.target)
-        except Exception as e:  # noqa: BLE001 - a bad location fails its steps, not the worker
+        except Exception as e:
             print(f"dagster-taskiq: could not preload code location {location.target}: {e}")
 
 
@@ -87,7 +88,9 @@ class StepProcess:
     steps_run: int = 0
 
     @classmethod
-    def start(cls, locations: tuple[CodeLocation, ...], *, ready_timeout: float = 120.0) -> StepProcess:
+    def start(
+        cls, locations: tuple[CodeLocation, ...], *, ready_timeout: float = 120.0
+    ) -> StepProcess:
         parent_conn, child_conn = _spawn.Pipe()
         process = _spawn.Process(
             target=main,
@@ -137,16 +140,12 @@ class StepProcess:
 
     def _signal(self, sig: int) -> None:
         if self.process.is_alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def stop(self, timeout: float = 10.0) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.conn.send(None)
-        except (OSError, BrokenPipeError):
-            pass
         self.process.join(timeout)
         if self.process.is_alive():
             self.kill()

@@ -258,7 +258,7 @@ class Worker:
             return
         try:
             args = load_step_args(message.step_args)
-        except Exception as e:  # noqa: BLE001 - any failure to read the args is malformed
+        except Exception as e:
             self._reject(received, "malformed", f"step arguments do not deserialize: {e}")
             return
 
@@ -280,7 +280,9 @@ class Worker:
         if outcome is ClaimOutcome.CLAIMED:
             refusal = origin_allowed(args.job_origin, settings.code_locations)
             if refusal is not None:
-                self._complete(message, claim.fencing_token, received, succeeded=False, error=refusal)
+                self._complete(
+                    message, claim.fencing_token, received, succeeded=False, error=refusal
+                )
                 return
             self._run(slot, message, claim, received)
         elif outcome is ClaimOutcome.DUPLICATE:
@@ -298,7 +300,9 @@ class Worker:
         else:
             self._reject(received, "mismatch", "the payload differs from the one launched")
 
-    def _run(self, slot: Slot, message: StepMessage, claim: Claim, received: ReceivedMessage) -> None:
+    def _run(
+        self, slot: Slot, message: StepMessage, claim: Claim, received: ReceivedMessage
+    ) -> None:
         token = claim.fencing_token
         lease = Lease(
             key=message.idempotency_key,
@@ -330,7 +334,14 @@ class Worker:
         except StepProcessDied as e:
             result, died = None, e
         try:
-            self._finish(message, token, received, lease, result, died)
+            self._finish(
+                message=message,
+                token=token,
+                received=received,
+                lease=lease,
+                result=result,
+                died=died,
+            )
         finally:
             self.heartbeat.remove(lease)
             self.protection.step_finished()
@@ -338,6 +349,7 @@ class Worker:
 
     def _finish(
         self,
+        *,
         message: StepMessage,
         token: int,
         received: ReceivedMessage,
@@ -356,7 +368,9 @@ class Worker:
                 if lease.state is LeaseState.RELEASING
                 else f"step process died: {died}"
             )
-            self.log.warning("Step given back to the queue", extra={"idempotency_key": key, "reason": reason})
+            self.log.warning(
+                "Step given back to the queue", extra={"idempotency_key": key, "reason": reason}
+            )
             self._retrying(lambda: self.ledger.release(key, token, reason), lease)
             self._hide(received, 0)
             return
@@ -423,7 +437,9 @@ class Worker:
                 return action()
             except LedgerUnavailable as e:
                 if time.monotonic() + backoff.next > deadline:
-                    self.log.error("Ledger unreachable; giving up, SQS will redeliver", extra={"error": str(e)})
+                    self.log.error(
+                        "Ledger unreachable; giving up, SQS will redeliver", extra={"error": str(e)}
+                    )
                     return False
                 self.log.warning("Ledger unreachable; retrying", extra={"error": str(e)})
                 backoff.wait(threading.Event())

@@ -1,0 +1,113 @@
+"""Shared fixtures: real PostgreSQL, moto's SQS server, per-test queues and instances.
+
+PostgreSQL is embedded (pgserver) unless DAGSTER_TASKIQ_TEST_DATABASE_URL names a server;
+each test session gets its own database on it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import DagsterInstance
+
+from dagster_taskiq.ledger import Ledger
+from dagster_taskiq.local.stack import (
+    LocalStack,
+    WorkerPool,
+    create_database,
+    embedded_postgres,
+    local_stack,
+    sqs_emulator,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_TEST_DATABASE_URL = "DAGSTER_TASKIQ_TEST_DATABASE_URL"
+TEST_CODE_LOCATION = "tests.jobs"
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    name = f"dagster_taskiq_test_{uuid.uuid4().hex[:8]}"
+    external = os.environ.get(ENV_TEST_DATABASE_URL)
+    if external:
+        yield create_database(external, name)
+        return
+    with embedded_postgres(tmp_path_factory.mktemp("pg") / "data") as server_url:
+        yield create_database(server_url, name)
+
+
+@pytest.fixture(scope="session")
+def sqs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("sqs") / "emulator.log"
+    with open(log, "w") as log_file, sqs_emulator(log_file) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def ledger(postgres_url: str) -> Iterator[Ledger]:
+    store = Ledger(postgres_url)
+    store.ensure_schema()
+    yield store
+    store.dispose()
+
+
+StackFactory = Callable[..., AbstractContextManager[LocalStack]]
+
+
+@pytest.fixture
+def make_stack(
+    tmp_path: Path, postgres_url: str, sqs_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> StackFactory:
+    """A fresh queue, DLQ and DAGSTER_HOME on the session's PostgreSQL and emulator."""
+
+    def factory(**kwargs: Any) -> AbstractContextManager[LocalStack]:
+        kwargs.setdefault("code_locations", (TEST_CODE_LOCATION,))
+        stack_cm = local_stack(
+            tmp_path / uuid.uuid4().hex[:6],
+            database_url=postgres_url,
+            sqs_endpoint=sqs_endpoint,
+            **kwargs,
+        )
+
+        class _Applied:
+            def __enter__(self) -> LocalStack:
+                stack = stack_cm.__enter__()
+                for key, value in stack.env().items():
+                    monkeypatch.setenv(key, value)
+                monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+                return stack
+
+            def __exit__(self, *exc: object) -> None:
+                stack_cm.__exit__(*exc)  # type: ignore[arg-type]
+
+        return _Applied()
+
+    return factory
+
+
+@pytest.fixture
+def stack(make_stack: StackFactory) -> Iterator[LocalStack]:
+    with make_stack() as local:
+        yield local
+
+
+@pytest.fixture
+def instance(stack: LocalStack) -> Iterator[DagsterInstance]:
+    dagster_instance = DagsterInstance.get()
+    yield dagster_instance
+    dagster_instance.dispose()
+
+
+def start_workers(
+    stack: LocalStack, count: int = 2, *, args: tuple[str, ...] = (), **kwargs: Any
+) -> WorkerPool:
+    """Real worker processes; short long-polls so tests stop quickly."""
+    pool = stack.worker_pool(extra_args=("--wait-seconds", "1", *args), **kwargs)
+    pool.scale_to(count)
+    return pool

@@ -1,0 +1,73 @@
+"""Small helpers for tests that drive real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dagster import DagsterEvent, DagsterEventType, DagsterInstance
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(
+    predicate: Callable[[], T | None],
+    *,
+    timeout: float = 60.0,
+    interval: float = 0.2,
+    what: str = "",
+) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def step_events(
+    instance: DagsterInstance, run_id: str, event_type: DagsterEventType
+) -> list[DagsterEvent]:
+    records = instance.get_records_for_run(run_id, of_type=event_type, limit=10_000).records
+    return [r.event_log_entry.dagster_event for r in records if r.event_log_entry.dagster_event]
+
+
+def engine_messages(instance: DagsterInstance, run_id: str) -> list[str]:
+    return [e.message or "" for e in step_events(instance, run_id, DagsterEventType.ENGINE_EVENT)]
+
+
+class RunProcess:
+    """A run worker in its own process, so a test can interrupt it like a terminated run."""
+
+    def __init__(self, job_name: str, run_config: dict[str, Any] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.run_job", job_name, json.dumps(run_config or {})],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+            env=os.environ.copy(),
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if not line.startswith("RUN_ID "):
+            _, err = self.process.communicate(timeout=30)
+            raise AssertionError(f"run process failed to start: {line!r}\n{err}")
+        self.run_id = line.split(" ", 1)[1]
+
+    def interrupt(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+
+    def wait(self, timeout: float = 120.0) -> tuple[int, str]:
+        _, err = self.process.communicate(timeout=timeout)
+        return self.process.returncode, err
