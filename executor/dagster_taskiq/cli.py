@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import click
@@ -152,12 +154,19 @@ def ui(workers: int, port: int) -> None:
             sys.executable, "-m", "dagster", "dev",
             "-m", "dagster_taskiq.local.demo_job", "-p", str(port), "-h", "127.0.0.1",
         ]  # fmt: skip
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         dev = subprocess.Popen(command, env=os.environ.copy())
-        try:
-            dev.wait()
-        except KeyboardInterrupt:
+        while dev.poll() is None and not stop.wait(0.5):
+            pass
+        if dev.poll() is None:
             dev.terminate()
-            dev.wait(30)
+            try:
+                dev.wait(30)
+            except subprocess.TimeoutExpired:
+                dev.kill()
+        click.echo("Stopping workers, SQS emulator and PostgreSQL.", err=True)
         pool.stop()
 
 

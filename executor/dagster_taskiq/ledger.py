@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import ssl
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from dagster_taskiq.settings import ledger_url, redact_url
+from dagster_taskiq.settings import ConfigurationError, ledger_url, redact_url
 
 
 class Status(enum.StrEnum):
@@ -155,11 +157,36 @@ class Claim:
         return self.outcome is ClaimOutcome.CLAIMED and self.previous_status is Status.RUNNING
 
 
+def pg8000_connect_args(url: str) -> tuple[str, dict[str, Any]]:
+    """Move libpq's connection options, which pg8000 does not take, into its arguments.
+
+    ``sslmode`` require / verify-ca / verify-full become an SSL context (RDS and Aurora
+    URLs carry them); disable, allow and prefer connect without TLS. ``connect_timeout``
+    becomes pg8000's ``timeout``, 10 s by default, so an unreachable host fails fast.
+    """
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    args: dict[str, Any] = {"timeout": int(query.pop("connect_timeout", 10))}
+    sslmode = query.pop("sslmode", "disable")
+    cafile = query.pop("sslrootcert", None)
+    if sslmode in ("require", "verify-ca", "verify-full"):
+        context = ssl.create_default_context(cafile=cafile)
+        if sslmode != "verify-full":
+            context.check_hostname = False
+        if sslmode == "require":
+            context.verify_mode = ssl.CERT_NONE
+        args["ssl_context"] = context
+    elif sslmode not in ("disable", "allow", "prefer"):
+        raise ConfigurationError(f"Unknown sslmode {sslmode!r} in {redact_url(url)}")
+    return url.split("?", 1)[0] + (f"?{urlencode(query)}" if query else ""), args
+
+
 class Ledger:
     def __init__(self, url: str, *, pool_size: int = 5) -> None:
-        self.url = ledger_url(url)
+        self.url, connect_args = pg8000_connect_args(ledger_url(url))
         self.engine: Engine = sa.create_engine(
             self.url,
+            connect_args=connect_args,
             pool_pre_ping=True,
             pool_size=pool_size,
             max_overflow=pool_size,

@@ -132,7 +132,17 @@ def _require(fields: dict[str, Any], name: str, kind: type) -> Any:
     value = fields.get(name)
     if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
         raise MessageRejected("malformed", f"field {name!r} is missing or not a {kind.__name__}")
+    if isinstance(value, str):
+        _encodable(value, name)
     return value
+
+
+def _encodable(value: str, name: str) -> None:
+    # JSON may carry lone surrogates ("\ud800"), which no database or hash accepts.
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise MessageRejected("malformed", f"field {name!r} is not valid Unicode") from None
 
 
 def decode(body: str, *, signing_key: str | None, max_bytes: int) -> StepMessage:
@@ -147,14 +157,14 @@ def decode(body: str, *, signing_key: str | None, max_bytes: int) -> StepMessage
     if not isinstance(fields, dict):
         raise MessageRejected("malformed", "not a JSON object")
     schema = fields.get("schema")
-    if schema != SCHEMA_VERSION:
+    if type(schema) is not int or schema != SCHEMA_VERSION:
         raise MessageRejected(
             "unknown_version", f"schema {schema!r}; this worker reads schema {SCHEMA_VERSION}"
         )
     if signing_key:
         signature = fields.pop("signature", None)
         if not isinstance(signature, str) or not hmac.compare_digest(
-            signature, _sign(fields, signing_key)
+            signature.encode("utf-8", "surrogatepass"), _sign(fields, signing_key).encode()
         ):
             raise MessageRejected("forged", "the HMAC signature is missing or does not verify")
     run_id = _require(fields, "run_id", str)
@@ -190,6 +200,7 @@ def _decode_step_args(args_field: dict[str, Any]) -> str:
     if not isinstance(data, str):
         raise MessageRejected("malformed", "step_args.data is missing or not a string")
     if encoding == ENCODING_JSON:
+        _encodable(data, "step_args.data")
         return data
     if encoding == ENCODING_ZLIB:
         try:

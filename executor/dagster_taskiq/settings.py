@@ -6,7 +6,7 @@ Dagster-free: the Lambdas import this module.
 from __future__ import annotations
 
 import os
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 ENV_QUEUE_URL = "DAGSTER_TASKIQ_QUEUE_URL"
 ENV_DATABASE_URL = "DAGSTER_TASKIQ_DATABASE_URL"
@@ -41,14 +41,18 @@ def env_or(value: str | None, env_var: str) -> str | None:
 
 
 def _with_driver(url: str, driver: str) -> str:
-    parts = urlsplit(url)
-    base = parts.scheme.split("+", 1)[0]
-    if base not in _POSTGRES_SCHEMES:
+    scheme = urlsplit(url).scheme
+    if scheme.split("+", 1)[0] not in _POSTGRES_SCHEMES:
         raise ConfigurationError(
-            f"Expected a PostgreSQL URL (postgresql://...), got scheme {parts.scheme!r} "
+            f"Expected a PostgreSQL URL (postgresql://...), got scheme {scheme!r} "
             f"in {redact_url(url)}"
         )
-    return urlunsplit((driver, *parts[1:]))
+    # Not urlunsplit: it drops the "//" of an empty netloc for schemes it does not know.
+    return driver + url[len(scheme) :]
+
+
+def _join(scheme: str, netloc: str, path: str, query: str) -> str:
+    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "")
 
 
 def ledger_url(url: str) -> str:
@@ -56,19 +60,18 @@ def ledger_url(url: str) -> str:
 
     libpq-style ``?host=/socket/dir`` becomes pg8000's ``?unix_sock=/socket/dir/.s.PGSQL.<port>``.
     """
-    url = _with_driver(url, LEDGER_DRIVER)
-    parts = urlsplit(url)
+    parts = urlsplit(_with_driver(url, LEDGER_DRIVER))
     query = dict(parse_qsl(parts.query))
+    netloc = parts.netloc
     host = query.pop("host", None)
     if host and host.startswith("/"):
         port = parts.port or int(query.pop("port", 5432))
         query["unix_sock"] = f"{host.rstrip('/')}/.s.PGSQL.{port}"
-        netloc = parts.netloc.rsplit("@", 1)
-        netloc_str = netloc[0] + "@" if len(netloc) == 2 else ""
-        parts = parts._replace(netloc=netloc_str)
+        userinfo, at, _ = netloc.rpartition("@")
+        netloc = userinfo + at
     elif host:
         query["host"] = host
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    return _join(LEDGER_DRIVER, netloc, parts.path, urlencode(query))
 
 
 def dagster_storage_url(url: str) -> str:
@@ -77,10 +80,14 @@ def dagster_storage_url(url: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, safe for logs and error messages."""
+    """The URL with any password replaced (in the user part or the query), safe to log."""
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostinfo}"
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="/*")
+    if netloc == parts.netloc and query == urlencode(pairs, safe="/*"):
         return url
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
+    return _join(parts.scheme, netloc, parts.path, query)
