@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from dagster import (
     Config,
+    Definitions,
     OpExecutionContext,
     RetryPolicy,
     job,
@@ -171,3 +172,20 @@ SLOW_FANOUT = [_slow_op(f"slow_{i}") for i in range(4)]
 def slow_fanout_job() -> None:
     for slow_op in SLOW_FANOUT:
         slow_op()
+
+
+# -- the executor set on Definitions rather than on the job -------------------------------
+
+
+@op
+def plain(context: OpExecutionContext) -> str:
+    record(context, "start")
+    return "ran on a worker"
+
+
+@job
+def plain_job() -> None:
+    plain()
+
+
+defs = Definitions(jobs=[plain_job], executor=taskiq_executor)

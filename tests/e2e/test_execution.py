@@ -10,12 +10,13 @@ from typing import Any, ClassVar
 
 import pytest
 from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructable
+from dagster._core.definitions.reconstruct import ReconstructableRepository
 
 from dagster_taskiq.ledger import Ledger, Status
 from dagster_taskiq.local.stack import LocalStack
 from tests import jobs
-from tests.conftest import start_workers
-from tests.helpers import step_events
+from tests.conftest import REPO_ROOT, start_workers
+from tests.helpers import Tee, step_events
 
 
 def test_outputs_pass_between_steps_on_two_workers(
@@ -136,3 +137,33 @@ def test_scale_in_protection_on_while_a_step_runs(
     assert all(c["path"] == "/task-protection/v1/state" for c in calls)
     assert calls[0]["ProtectionEnabled"] is True and calls[0]["ExpiresInMinutes"] > 0
     assert calls[-1]["ProtectionEnabled"] is False
+
+
+def test_executor_set_on_definitions(
+    stack: LocalStack, instance: DagsterInstance, ledger: Ledger
+) -> None:
+    start_workers(stack, 1)
+    recon_job = ReconstructableRepository.for_module(
+        "tests.jobs", "defs", working_directory=str(REPO_ROOT)
+    ).get_reconstructable_job("plain_job")
+    result = execute_job(recon_job, instance=instance)
+
+    assert result.success
+    (row,) = jobs.execution_rows(result.run_id)
+    assert row["fencing_token"] == 1, "the op ran on a taskiq worker"
+    assert [r.status for r in ledger.for_run(result.run_id)] == [Status.SUCCEEDED]
+
+
+def test_messages_carry_no_instance_ref_and_no_credentials(
+    stack: LocalStack, instance: DagsterInstance
+) -> None:
+    with Tee(stack) as tee:
+        start_workers(stack, 1, args=("--queue-url", tee.workers_queue_url))
+        result = execute_job(reconstructable(jobs.outputs_job), instance=instance)
+    assert result.success
+    assert len(tee.bodies) == 3
+    for body in tee.bodies:
+        args = json.loads(body)["step_args"]["data"]
+        assert '"instance_ref": null' in args
+        assert "InstanceRef" not in args
+        assert "postgres" not in body.lower() and "pgdata" not in body

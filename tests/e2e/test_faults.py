@@ -20,10 +20,9 @@ from dagster._core.execution.job_execution_result import JobExecutionResult
 
 from dagster_taskiq.ledger import Ledger, Status, StepRecord
 from dagster_taskiq.local.stack import LocalStack
-from dagster_taskiq.queue import SqsQueue, create_queue_with_dlq, sqs_client
 from tests import jobs
 from tests.conftest import start_workers
-from tests.helpers import RunProcess, engine_messages, wait_for
+from tests.helpers import RunProcess, Tee, engine_messages, wait_for
 
 LEASE = 4  # seconds: a dead worker's step is taken over after about this long
 
@@ -77,32 +76,8 @@ def test_duplicate_delivery_runs_the_op_body_once(
 ) -> None:
     # The executor sends to one queue; a tee delivers every message twice to the queue
     # the workers read, as SQS's at-least-once delivery may.
-    client = sqs_client(endpoint_url=stack.sqs_endpoint)
-    workers_queue_url, _ = create_queue_with_dlq(
-        client,
-        f"{stack.queue_url.rsplit('/', 1)[1]}-tee",
-        visibility_timeout=30,
-        message_retention=3600,
-        max_receive_count=5,
-    )
-    source, target = (
-        SqsQueue(stack.queue_url, client=client),
-        SqsQueue(workers_queue_url, client=client),
-    )
-    stop = threading.Event()
-    copies = []
-
-    def tee() -> None:
-        while not stop.is_set():
-            for message in source.receive(max_messages=10, wait_seconds=1, visibility_timeout=30):
-                target.send(message.body)
-                target.send(message.body)
-                copies.append(message.message_id)
-                source.delete(message.receipt_handle)
-
-    threading.Thread(target=tee, daemon=True).start()
-    start_workers(stack, 2, args=("--queue-url", workers_queue_url))
-    try:
+    with Tee(stack, copies=2) as tee:
+        start_workers(stack, 2, args=("--queue-url", tee.workers_queue_url))
         result = execute_job(
             reconstructable(jobs.slow_job), instance=instance, run_config=slow_config(2.0)
         )
@@ -114,10 +89,8 @@ def test_duplicate_delivery_runs_the_op_body_once(
             return record if record and record.duplicates_suppressed >= 1 else None
 
         record = wait_for(suppressed, timeout=30, what="the second copy to be suppressed")
-    finally:
-        stop.set()
 
-    assert copies, "the tee delivered nothing"
+    assert tee.bodies, "the tee delivered nothing"
     assert record.status is Status.SUCCEEDED
     rows = jobs.execution_rows(result.run_id)
     assert [r["phase"] for r in rows] == ["start", "end"], "the op body ran more than once"
@@ -214,3 +187,17 @@ def test_terminating_a_run_cancels_queued_and_running_steps(
     dagster_run = instance.get_run_by_id(run.run_id)
     assert dagster_run is not None
     assert dagster_run.status is not DagsterRunStatus.SUCCESS
+
+
+def test_heartbeats_keep_a_step_that_outlives_its_lease(
+    stack: LocalStack, instance: DagsterInstance, ledger: Ledger
+) -> None:
+    start_workers(stack, 2)
+    result = execute_job(
+        reconstructable(jobs.slow_job), instance=instance, run_config=slow_config(5.0, lease=2)
+    )
+    assert result.success
+    rows = jobs.execution_rows(result.run_id)
+    assert [(r["phase"], r["fencing_token"]) for r in rows] == [("start", 1), ("end", 1)]
+    record = ledger.get(f"{result.run_id}:slow:0")
+    assert record is not None and record.fencing_token == 1 and record.deliveries == 1

@@ -89,7 +89,13 @@ class Heartbeat(threading.Thread):
             for lease in leases:
                 interval = min(lease.lease_seconds / 3, self._max_interval)
                 if lease.state is LeaseState.HELD and now - lease.last_renewed >= interval:
-                    self.beat(lease)
+                    try:
+                        self.beat(lease)
+                    except Exception:
+                        # Never let one bad renewal stop the others.
+                        self._log.exception(
+                            "Heartbeat failed", extra={"idempotency_key": lease.key}
+                        )
             self._protection.renew()
 
     def beat(self, lease: Lease) -> None:

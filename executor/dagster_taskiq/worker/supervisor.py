@@ -204,6 +204,14 @@ class Worker:
         self._idle.put(slot)
 
     def _receive_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._receive_forever()
+            except Exception:
+                self.log.exception("Receiver failed; restarting it")
+                self.stopping.wait(1)
+
+    def _receive_forever(self) -> None:
         backoff = Backoff()
         while not self.stopping.is_set():
             try:
@@ -314,33 +322,39 @@ class Worker:
         slot.lease = lease
         self.heartbeat.add(lease)
         self.protection.step_started()
-        self._hide(received, message.lease_seconds)
-        keys = self._keys(message, claim)
-        if claim.is_takeover:
-            self.log.info("Taking over a step whose worker lost its lease", extra=keys)
-        emit_metric("StepsStarted", 1)
-        self.log.info("Step started", extra=keys)
-        task = StepTask(
-            message=message,
-            fencing_token=token,
-            worker_id=self.settings.worker_id,
-            delivery=received.receive_count,
-            previous_worker=claim.previous_worker if claim.is_takeover else None,
-        )
-        assert slot.process is not None
         try:
-            result: StepResult | None = slot.process.run(task)
-            died: StepProcessDied | None = None
-        except StepProcessDied as e:
-            result, died = None, e
-        try:
+            self._hide(received, message.lease_seconds)
+            keys = self._keys(message, claim)
+            if claim.is_takeover:
+                self.log.info("Taking over a step whose worker lost its lease", extra=keys)
+            emit_metric("StepsStarted", 1)
+            self.log.info("Step started", extra=keys)
+            task = StepTask(
+                message=message,
+                fencing_token=token,
+                worker_id=self.settings.worker_id,
+                delivery=received.receive_count,
+                previous_worker=claim.previous_worker if claim.is_takeover else None,
+            )
+            result: StepResult | None = None
+            failure: str | None = None
+            try:
+                if slot.process is None:
+                    raise StepProcessDied(None)
+                result = slot.process.run(task)
+            except StepProcessDied as e:
+                failure = f"step process died: {e}"
+            except Exception as e:
+                # A fault on this side: give the step back rather than hold it.
+                self.log.exception("Could not run the step here", extra=keys)
+                failure = f"worker error: {e}"
             self._finish(
                 message=message,
                 token=token,
                 received=received,
                 lease=lease,
                 result=result,
-                died=died,
+                failure=failure,
             )
         finally:
             self.heartbeat.remove(lease)
@@ -355,7 +369,7 @@ class Worker:
         received: ReceivedMessage,
         lease: Lease,
         result: StepResult | None,
-        died: StepProcessDied | None,
+        failure: str | None,
     ) -> None:
         key = message.idempotency_key
         if lease.state is LeaseState.LOST:
@@ -366,7 +380,7 @@ class Worker:
             reason = (
                 "released: worker shutting down"
                 if lease.state is LeaseState.RELEASING
-                else f"step process died: {died}"
+                else failure or "no result from the step process"
             )
             self.log.warning(
                 "Step given back to the queue", extra={"idempotency_key": key, "reason": reason}
@@ -442,7 +456,8 @@ class Worker:
                     )
                     return False
                 self.log.warning("Ledger unreachable; retrying", extra={"error": str(e)})
-                backoff.wait(threading.Event())
+                time.sleep(backoff.next)
+                backoff.next = min(backoff.cap, backoff.next * 2)
 
     def _delete(self, received: ReceivedMessage) -> None:
         for attempt in range(3):

@@ -1,0 +1,31 @@
+"""The modules the Lambdas import must not import dagster: the Lambda bundles stay small."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+DAGSTER_FREE = [
+    "dagster_taskiq",
+    "dagster_taskiq.messages",
+    "dagster_taskiq.ledger",
+    "dagster_taskiq.queue",
+    "dagster_taskiq.settings",
+    "dagster_taskiq.observability",
+    "dagster_taskiq.worker.attempt_context",
+]
+
+
+@pytest.mark.parametrize("module", DAGSTER_FREE)
+def test_module_does_not_import_dagster(module: str) -> None:
+    code = (
+        f"import sys, {module}\n"
+        "loaded = sorted(m for m in sys.modules if m == 'dagster' or m.startswith('dagster.'))\n"
+        "print(','.join(loaded))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert completed.stdout.strip() == "", f"{module} imports {completed.stdout.strip()}"
