@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dagster import (
     DagsterError,
@@ -27,7 +28,7 @@ from dagster._core.executor.step_delegating import StepDelegatingExecutor
 from dagster._core.instance import DagsterInstance
 
 from dagster_taskiq.ledger import Ledger, LedgerUnavailable
-from dagster_taskiq.queue import QueueUnavailable, SqsQueue
+from dagster_taskiq.queue import QueueUnavailable, SqsQueue, sqs_client
 from dagster_taskiq.settings import (
     DEFAULT_IDEMPOTENCY_KEY_TTL,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -44,6 +45,9 @@ from dagster_taskiq.settings import (
     env_or,
 )
 from dagster_taskiq.step_handler import LaunchSettings, SqsStepHandler
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs.client import SQSClient
 
 log = logging.getLogger("dagster_taskiq")
 
@@ -182,9 +186,20 @@ def _instance_postgres_url(instance: DagsterInstance) -> str | None:
     return url if isinstance(url, str) else None
 
 
+@functools.cache
+def _shared_ledger(database_url: str) -> Ledger:
+    # One connection pool per database for every run this process executes.
+    return Ledger(database_url)
+
+
+@functools.cache
+def _shared_sqs_client(region: str, endpoint_url: str | None) -> SQSClient:
+    return sqs_client(region=region, endpoint_url=endpoint_url)
+
+
 def connect(settings: ExecutorSettings) -> tuple[SqsQueue, Ledger]:
     """Reach the ledger and the queue now, so a wrong setting fails the run at start."""
-    ledger = Ledger(settings.database_url)
+    ledger = _shared_ledger(settings.database_url)
     try:
         ledger.ensure_schema()
     except LedgerUnavailable as e:
@@ -192,7 +207,9 @@ def connect(settings: ExecutorSettings) -> tuple[SqsQueue, Ledger]:
             f"taskiq_executor cannot reach its ledger. {e}. Check `database_url` "
             f"(or {ENV_DATABASE_URL}) and that the database accepts connections."
         ) from e
-    queue = SqsQueue(settings.queue_url, region=settings.region, endpoint_url=settings.endpoint_url)
+    queue = SqsQueue(
+        settings.queue_url, client=_shared_sqs_client(settings.region, settings.endpoint_url)
+    )
     try:
         attributes = queue.attributes()
     except QueueUnavailable as e:

@@ -42,6 +42,18 @@ def run_text(instance: DagsterInstance, run_id: str) -> str:
     return "\n".join(chunks)
 
 
+def failed_run(instance: DagsterInstance, execution_config: dict[str, Any]) -> tuple[str, str]:
+    """Run outputs_job with this executor config; it must fail. Returns (run_id, its text)."""
+    result = execute_job(
+        reconstructable(jobs.outputs_job),
+        instance=instance,
+        run_config={"execution": {"config": execution_config}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    return result.run_id, run_text(instance, result.run_id)
+
+
 def a_message(step_args: str = "{}", run_id: str | None = None) -> StepMessage:
     return StepMessage.new(
         run_id=run_id or str(uuid.uuid4()),
@@ -99,16 +111,9 @@ def test_malformed_forged_oversized_and_unknown_messages_are_recorded_never_run(
 def test_an_oversized_step_fails_at_launch_with_a_clear_error(
     stack: LocalStack, instance: DagsterInstance, ledger: Ledger
 ) -> None:
-    result = execute_job(
-        reconstructable(jobs.outputs_job),
-        instance=instance,
-        run_config={"execution": {"config": {"max_message_bytes": 300}}},
-        raise_on_error=False,
-    )
-    assert not result.success
-    text = run_text(instance, result.run_id)
+    run_id, text = failed_run(instance, {"max_message_bytes": 300})
     assert "more than the limit of 300 bytes" in text
-    assert ledger.for_run(result.run_id) == [], "nothing was recorded or sent"
+    assert ledger.for_run(run_id) == [], "nothing was recorded or sent"
 
 
 @pytest.mark.parametrize(
@@ -128,14 +133,7 @@ def test_a_config_mistake_fails_the_run_at_start_saying_what_to_fix(
     execution_config: dict[str, Any],
     expected: str,
 ) -> None:
-    result = execute_job(
-        reconstructable(jobs.outputs_job),
-        instance=instance,
-        run_config={"execution": {"config": execution_config}},
-        raise_on_error=False,
-    )
-    assert not result.success
-    text = run_text(instance, result.run_id)
+    _, text = failed_run(instance, execution_config)
     assert expected in text
     assert "hunter2" not in text
 
@@ -158,26 +156,18 @@ def test_a_missing_queue_url_fails_the_run_at_start(
     stack: LocalStack, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(ENV_QUEUE_URL)
-    result = execute_job(reconstructable(jobs.outputs_job), instance=instance, raise_on_error=False)
-    assert not result.success
-    assert "set `queue_url` in the executor config" in run_text(instance, result.run_id)
-    assert ENV_QUEUE_URL in run_text(instance, result.run_id)
+    _, text = failed_run(instance, {})
+    assert "set `queue_url` in the executor config" in text
+    assert ENV_QUEUE_URL in text
 
 
 def test_a_job_outside_the_workers_code_locations_is_refused(
     stack: LocalStack, instance: DagsterInstance, ledger: Ledger
 ) -> None:
     start_workers(stack, 1, extra_env={ENV_CODE_LOCATIONS: "some.other.module"})
-    result = execute_job(
-        reconstructable(jobs.outputs_job),
-        instance=instance,
-        run_config={"execution": {"config": {"health_check_interval": 1}}},
-        raise_on_error=False,
-    )
-    assert not result.success
-    text = run_text(instance, result.run_id)
+    run_id, text = failed_run(instance, {"health_check_interval": 1})
     assert "not one of this worker's code locations (some.other.module)" in text
-    assert jobs.execution_rows(result.run_id) == [], "nothing from the job was imported or run"
+    assert jobs.execution_rows(run_id) == [], "nothing from the job was imported or run"
 
 
 @pytest.mark.parametrize(
