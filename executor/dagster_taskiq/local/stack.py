@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +50,12 @@ DATABASE_NAME = "dagster_taskiq"
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path) -> Iterator[str]:
     """An embedded PostgreSQL server on a Unix socket. Yields a libpq-style URL."""
-    import pgserver
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless here.
+        warnings.simplefilter("ignore")
+        import pgserver
 
-    server = pgserver.get_server(data_dir, cleanup_mode="stop")
+        server = pgserver.get_server(data_dir, cleanup_mode="stop")
     try:
         yield str(server.get_uri())
     finally:
@@ -286,7 +289,3 @@ class WorkerPool:
         for path in sorted((self.stack.root / "logs").glob("worker-*.log")):
             chunks.append(f"--- {path.name}\n{path.read_text(errors='replace')}")
         return "\n".join(chunks)
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Keeps every running step's lease alive, and notices when it is gone.
 
-Each lease is renewed every lease/3 (at most every ``max_interval``): the ledger lease
-``WHERE fencing_token = mine``, the message visibility, and ECS task protection. A
+Each lease is renewed every lease/3, and at least every ``max_interval`` so that a cancel
+lands quickly: the ledger lease ``WHERE fencing_token = mine``; the message visibility
+(every lease/3 only); and ECS task protection. A
 renewal that updates no row means the lease was lost or cancel was requested; the
 owner of the lease is told which, and stops the step.
 """
@@ -37,6 +38,7 @@ class Lease:
     lease_seconds: int
     on_change: Callable[[Lease], None]
     last_renewed: float = field(default_factory=time.monotonic)
+    last_visibility: float = field(default_factory=time.monotonic)
     state: LeaseState = LeaseState.HELD
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -114,9 +116,14 @@ class Heartbeat(threading.Thread):
         if not renewed:
             self._why_not_renewed(lease)
             return
-        lease.last_renewed = time.monotonic()
+        lease.last_renewed = now = time.monotonic()
+        # The ledger lease is renewed often so a cancel lands fast; SQS visibility only
+        # needs extending every lease/3, which saves most of the SQS calls.
+        if now - lease.last_visibility < lease.lease_seconds / 3:
+            return
         try:
             self._queue.change_visibility(lease.receipt_handle, lease.lease_seconds)
+            lease.last_visibility = now
         except QueueUnavailable as e:
             self._log.warning(
                 "Heartbeat could not extend message visibility",
