@@ -29,6 +29,8 @@ from dagster._core.instance import DagsterInstance
 
 from dagster_taskiq.ledger import Ledger, LedgerUnavailable
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue, sqs_client
+from dagster_taskiq.scale_trigger import ScaleOutTrigger
+from dagster_taskiq.scaler import EcsWorkerService
 from dagster_taskiq.settings import (
     DEFAULT_IDEMPOTENCY_KEY_TTL,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -37,9 +39,12 @@ from dagster_taskiq.settings import (
     DEFAULT_REGION,
     DEFAULT_VISIBILITY_TIMEOUT,
     ENV_DATABASE_URL,
+    ENV_ECS_CLUSTER,
+    ENV_ECS_SERVICE,
     ENV_ENDPOINT_URL,
     ENV_QUEUE_URL,
     ENV_REGION,
+    ENV_SCALER_FUNCTION,
     ENV_SIGNING_KEY,
     ConfigurationError,
     env_or,
@@ -122,6 +127,28 @@ TASKIQ_EXECUTOR_CONFIG = {
         default_value=None,
         description="Fail a step that no worker picked up within this many seconds.",
     ),
+    "scaler_function": Field(
+        StringSource,
+        is_required=False,
+        description="Name or ARN of the scaler Lambda to invoke when steps are queued and no "
+        f"worker runs (scale from zero). Default: ${ENV_SCALER_FUNCTION}; unset = off.",
+    ),
+    "ecs_cluster": Field(
+        StringSource,
+        is_required=False,
+        description=f"ECS cluster of the worker service. Default: ${ENV_ECS_CLUSTER}.",
+    ),
+    "ecs_service": Field(
+        StringSource,
+        is_required=False,
+        description="Worker service: the scaler is invoked only when it runs no task. "
+        f"Default: ${ENV_ECS_SERVICE}; unset = invoke without checking.",
+    ),
+    "scale_out_debounce": Field(
+        IntSource,
+        default_value=30,
+        description="Seconds between two scale-out checks of one run.",
+    ),
     "retries": get_retries_config(),  # type: ignore[no-untyped-call]
     "max_concurrent": Field(
         IntSource,
@@ -146,6 +173,10 @@ class ExecutorSettings:
     launch: LaunchSettings
     message_retention: int
     max_receive_count: int
+    scaler_function: str | None = None
+    ecs_cluster: str | None = None
+    ecs_service: str | None = None
+    scale_out_debounce: int = 30
 
     @classmethod
     def resolve(cls, config: dict[str, Any], instance: DagsterInstance) -> ExecutorSettings:
@@ -178,6 +209,10 @@ class ExecutorSettings:
             ),
             message_retention=config["message_retention"],
             max_receive_count=config["max_receive_count"],
+            scaler_function=env_or(config.get("scaler_function"), ENV_SCALER_FUNCTION),
+            ecs_cluster=env_or(config.get("ecs_cluster"), ENV_ECS_CLUSTER),
+            ecs_service=env_or(config.get("ecs_service"), ENV_ECS_SERVICE),
+            scale_out_debounce=config["scale_out_debounce"],
         )
 
 
@@ -219,6 +254,23 @@ def connect(settings: ExecutorSettings) -> tuple[SqsQueue, Ledger]:
         ) from e
     _warn_on_queue_mismatch(settings, attributes)
     return queue, ledger
+
+
+def scale_out_trigger(settings: ExecutorSettings) -> ScaleOutTrigger | None:
+    if not settings.scaler_function:
+        return None
+    import boto3
+
+    service = None
+    if settings.ecs_cluster and settings.ecs_service:
+        ecs = boto3.client("ecs", region_name=settings.region)
+        service = EcsWorkerService(ecs, cluster=settings.ecs_cluster, service=settings.ecs_service)
+    return ScaleOutTrigger(
+        function_name=settings.scaler_function,
+        lambda_client=boto3.client("lambda", region_name=settings.region),
+        service=service,
+        debounce_seconds=settings.scale_out_debounce,
+    )
 
 
 def _warn_on_queue_mismatch(settings: ExecutorSettings, attributes: dict[str, str]) -> None:
@@ -272,7 +324,12 @@ def taskiq_executor(init_context: InitExecutorContext) -> Executor:
     except ConfigurationError as e:
         raise TaskiqExecutorConfigError(str(e)) from e
     return StepDelegatingExecutor(
-        SqsStepHandler(queue=queue, ledger=ledger, settings=settings.launch),
+        SqsStepHandler(
+            queue=queue,
+            ledger=ledger,
+            settings=settings.launch,
+            trigger=scale_out_trigger(settings),
+        ),
         retries=RetryMode.from_config(config["retries"]),  # type: ignore[arg-type]
         sleep_seconds=float(config["poll_interval"]),
         check_step_health_interval_seconds=int(config["health_check_interval"]),

@@ -61,6 +61,7 @@ steps = sa.Table(
     sa.Column("run_id", sa.Text, nullable=False),
     sa.Column("step_key", sa.Text, nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("queue_url", sa.Text),  # where the step was sent: the scaler counts per queue
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("worker_id", sa.Text),
     sa.Column("fencing_token", sa.BigInteger, nullable=False, server_default="0"),
@@ -197,7 +198,8 @@ class Ledger:
         return f"Ledger({redact_url(self.url)})"
 
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
+    def transaction(self) -> Iterator[Connection]:
+        """A transaction on the ledger's database; outages raise LedgerUnavailable."""
         try:
             with self.engine.begin() as conn:
                 yield conn
@@ -221,12 +223,12 @@ class Ledger:
 
     def ensure_schema(self) -> None:
         """Create the tables if missing. Safe to run repeatedly and concurrently."""
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)))
             metadata.create_all(conn, checkfirst=True)
 
     def ping(self) -> None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute(sa.select(1))
 
     # -- reads ---------------------------------------------------------------------------
@@ -239,23 +241,26 @@ class Ledger:
         return sa.select(*steps.c, lease_live, age)
 
     def get(self, key: str) -> StepRecord | None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             row = conn.execute(self._select().where(steps.c.idempotency_key == key)).mappings()
             found = row.first()
         return StepRecord.from_row(found) if found else None
 
     def for_run(self, run_id: str) -> list[StepRecord]:
         stmt = self._select().where(steps.c.run_id == run_id).order_by(steps.c.enqueued_at)
-        with self._tx() as conn:
+        with self.transaction() as conn:
             return [StepRecord.from_row(r) for r in conn.execute(stmt).mappings()]
 
-    def live_leases(self) -> int:
-        """Steps running under a live lease: the workers the scaler must not take away."""
+    def live_leases(self, queue_url: str | None = None) -> int:
+        """Steps running under a live lease (on one queue, if given): the workers the
+        scaler must not take away."""
         stmt = sa.select(sa.func.count()).where(
             steps.c.status.in_([Status.RUNNING, Status.CANCEL_REQUESTED]),
             steps.c.lease_expires_at > NOW,
         )
-        with self._tx() as conn:
+        if queue_url is not None:
+            stmt = stmt.where(steps.c.queue_url == queue_url)
+        with self.transaction() as conn:
             return int(conn.execute(stmt).scalar_one())
 
     # -- protocol ------------------------------------------------------------------------
@@ -269,6 +274,7 @@ class Ledger:
         attempt: int,
         payload_hash: str,
         ttl_seconds: int,
+        queue_url: str | None = None,
     ) -> bool:
         """Insert ENQUEUED before the message is sent. False if the key already exists."""
         stmt = (
@@ -278,6 +284,7 @@ class Ledger:
                 run_id=run_id,
                 step_key=step_key,
                 attempt=attempt,
+                queue_url=queue_url,
                 status=Status.ENQUEUED,
                 payload_hash=payload_hash,
                 enqueued_at=NOW,
@@ -286,7 +293,7 @@ class Ledger:
             )
             .on_conflict_do_nothing(index_elements=[steps.c.idempotency_key])
         )
-        with self._tx() as conn:
+        with self.transaction() as conn:
             return conn.execute(stmt).rowcount == 1
 
     def claim(
@@ -335,7 +342,7 @@ class Ledger:
             )
             .returning(steps.c.fencing_token, prev.c.previous_worker, prev.c.previous_status)
         )
-        with self._tx() as conn:
+        with self.transaction() as conn:
             claimed = conn.execute(stmt).first()
             if claimed is not None:
                 previous_status = Status(claimed.previous_status)
@@ -407,7 +414,7 @@ class Ledger:
             .where(self._fenced(key, token, Status.RUNNING))
             .values(lease_expires_at=NOW + _seconds(lease_seconds), updated_at=NOW)
         )
-        with self._tx() as conn:
+        with self.transaction() as conn:
             return conn.execute(stmt).rowcount == 1
 
     def complete(
@@ -436,7 +443,7 @@ class Ledger:
                 updated_at=NOW,
             )
         )
-        with self._tx() as conn:
+        with self.transaction() as conn:
             return conn.execute(stmt).rowcount == 1
 
     def fail(self, key: str, token: int, error: str) -> bool:
@@ -449,7 +456,7 @@ class Ledger:
             .where(self._fenced(key, token, Status.RUNNING, Status.CANCEL_REQUESTED))
             .values(lease_expires_at=NOW, error=reason, updated_at=NOW)
         )
-        with self._tx() as conn:
+        with self.transaction() as conn:
             return conn.execute(stmt).rowcount == 1
 
     def finish_cancel(self, key: str, token: int) -> bool:
@@ -458,7 +465,7 @@ class Ledger:
             .where(self._fenced(key, token, Status.CANCEL_REQUESTED, Status.RUNNING))
             .values(status=Status.CANCELLED, lease_expires_at=None, finished_at=NOW, updated_at=NOW)
         )
-        with self._tx() as conn:
+        with self.transaction() as conn:
             return conn.execute(stmt).rowcount == 1
 
     def request_cancel(self, key: str) -> Status | None:
@@ -477,7 +484,7 @@ class Ledger:
             .values(status=Status.CANCEL_REQUESTED, updated_at=NOW)
             .returning(prev.c.was)
         )
-        with self._tx() as conn:
+        with self.transaction() as conn:
             was = conn.execute(stmt).scalar()
         return Status(was) if was else None
 
@@ -488,7 +495,7 @@ class Ledger:
             .where(steps.c.idempotency_key == key, steps.c.status == Status.ENQUEUED)
             .values(status=Status.FAILED, error=reason, finished_at=NOW, updated_at=NOW)
         )
-        with self._tx() as conn:
+        with self.transaction() as conn:
             return conn.execute(stmt).rowcount == 1
 
     def dead_letter(self, key: str, *, deliveries: int, reason: str) -> bool:
@@ -509,13 +516,13 @@ class Ledger:
                 updated_at=NOW,
             )
         )
-        with self._tx() as conn:
+        with self.transaction() as conn:
             return conn.execute(stmt).rowcount == 1
 
     def cleanup_expired(self) -> int:
         """Delete terminal rows past their TTL. Returns how many were deleted."""
         stmt = sa.delete(steps).where(steps.c.expires_at < NOW, steps.c.status.in_(list(TERMINAL)))
-        with self._tx() as conn:
+        with self.transaction() as conn:
             return conn.execute(stmt).rowcount
 
     # -- rejected messages ---------------------------------------------------------------
@@ -548,10 +555,10 @@ class Ledger:
                 "worker_id": insert.excluded.worker_id,
             },
         )
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute(stmt)
 
     def rejections(self) -> list[Mapping[str, Any]]:
         stmt = sa.select(rejected_messages).order_by(rejected_messages.c.first_seen_at)
-        with self._tx() as conn:
+        with self.transaction() as conn:
             return [dict(r) for r in conn.execute(stmt).mappings()]

@@ -23,6 +23,7 @@ from dagster_taskiq.attempts import attempt_outcome
 from dagster_taskiq.ledger import Ledger, Status
 from dagster_taskiq.messages import StepMessage, encode, idempotency_key
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue
+from dagster_taskiq.scale_trigger import ScaleOutTrigger
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,19 @@ def step_key_and_attempt(context: StepHandlerContext) -> tuple[str, int]:
 
 
 class SqsStepHandler(StepHandler):
-    def __init__(self, *, queue: SqsQueue, ledger: Ledger, settings: LaunchSettings) -> None:
+    def __init__(
+        self,
+        *,
+        queue: SqsQueue,
+        ledger: Ledger,
+        settings: LaunchSettings,
+        trigger: ScaleOutTrigger | None = None,
+    ) -> None:
         super().__init__()
         self._queue = queue
         self._ledger = ledger
         self._settings = settings
+        self._trigger = trigger
 
     @property
     def name(self) -> str:
@@ -86,6 +95,7 @@ class SqsStepHandler(StepHandler):
             attempt=attempt,
             payload_hash=message.payload_hash,
             ttl_seconds=self._settings.idempotency_key_ttl,
+            queue_url=self._queue.url,
         )
         try:
             message_id = self._queue.send(body, group_id=run_id, dedup_id=key)
@@ -93,6 +103,8 @@ class SqsStepHandler(StepHandler):
             if inserted:
                 self._ledger.abandon(key, f"The step message could not be sent: {e}")
             raise
+        if self._trigger is not None:
+            self._trigger.steps_launched()
         yield DagsterEvent.step_worker_starting(
             step_handler_context.get_step_context(step_key),
             message=f'Queued step "{step_key}" (attempt {attempt + 1}) on {self._queue.url}.',

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -24,22 +25,29 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from dagster_taskiq.local.endpoints import LambdaEndpoint, TaskProtectionAgent
 from dagster_taskiq.queue import create_queue_with_dlq, sqs_client
 from dagster_taskiq.settings import (
     DEFAULT_MAX_RECEIVE_COUNT,
     DEFAULT_MESSAGE_RETENTION,
+    ENV_ALERT_TOPIC_ARN,
     ENV_CODE_LOCATIONS,
     ENV_DATABASE_URL,
     ENV_ENDPOINT_URL,
     ENV_QUEUE_URL,
     ENV_REGION,
+    ENV_SCALER_FUNCTION,
     dagster_storage_url,
     ledger_url,
 )
+
+if TYPE_CHECKING:
+    from dagster_taskiq.local.autoscale import LocalAutoscaler
+    from dagster_taskiq.scaling import ScalingConfig
 
 REGION = "us-east-1"
 # moto accepts any credentials; these are not secrets.
@@ -129,6 +137,26 @@ def write_dagster_yaml(dagster_home: Path, database_url: str) -> None:
     )
 
 
+def create_alert_topic(sqs_endpoint: str, name: str) -> tuple[str, str]:
+    """An SNS topic for alerts, with an SQS queue subscribed to it to read them back."""
+    import boto3
+
+    sns = boto3.client("sns", region_name=REGION, endpoint_url=sqs_endpoint)
+    sqs = sqs_client(region=REGION, endpoint_url=sqs_endpoint)
+    topic_arn = sns.create_topic(Name=f"{name}-alerts")["TopicArn"]
+    inbox_url = sqs.create_queue(QueueName=f"{name}-alerts-inbox")["QueueUrl"]
+    inbox_arn = sqs.get_queue_attributes(QueueUrl=inbox_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    sns.subscribe(
+        TopicArn=topic_arn,
+        Protocol="sqs",
+        Endpoint=inbox_arn,
+        Attributes={"RawMessageDelivery": "true"},
+    )
+    return topic_arn, inbox_url
+
+
 @dataclass
 class LocalStack:
     root: Path
@@ -136,9 +164,15 @@ class LocalStack:
     sqs_endpoint: str
     queue_url: str
     dlq_url: str
+    alert_topic_arn: str
+    alerts_queue_url: str  # subscribed to the alert topic, so alerts can be read back
     dagster_home: Path
     code_locations: tuple[str, ...]
+    protection: TaskProtectionAgent
+    lambda_endpoint: LambdaEndpoint
     pools: list[WorkerPool] = field(default_factory=list)
+    autoscalers: list[LocalAutoscaler] = field(default_factory=list)
+    scaler_function: str | None = None
 
     def env(self) -> dict[str, str]:
         """Environment for any process on this stack: the executor's run worker, workers."""
@@ -153,16 +187,31 @@ class LocalStack:
             ENV_ENDPOINT_URL: self.sqs_endpoint,
             ENV_REGION: REGION,
             ENV_CODE_LOCATIONS: ",".join(self.code_locations),
+            ENV_ALERT_TOPIC_ARN: self.alert_topic_arn,
+            "AWS_ENDPOINT_URL_SNS": self.sqs_endpoint,
+            "AWS_ENDPOINT_URL_LAMBDA": self.lambda_endpoint.url,
             "DAGSTER_TASKIQ_LOG_LEVEL": os.environ.get("DAGSTER_TASKIQ_LOG_LEVEL", "INFO"),
+            **({ENV_SCALER_FUNCTION: self.scaler_function} if self.scaler_function else {}),
         }
 
     def apply_env(self) -> None:
         os.environ.update(self.env())
 
     def worker_pool(self, **kwargs: Any) -> WorkerPool:
+        kwargs.setdefault("protection", self.protection)
         pool = WorkerPool(self, **kwargs)
         self.pools.append(pool)
         return pool
+
+    def autoscale(self, pool: WorkerPool, config: ScalingConfig, **kwargs: Any) -> LocalAutoscaler:
+        """Size ``pool`` with the scaling policy; the executor's trigger reaches it too."""
+        from dagster_taskiq.local.autoscale import LOCAL_SCALER_FUNCTION, LocalAutoscaler
+
+        autoscaler = LocalAutoscaler(self, pool, config, **kwargs)
+        self.lambda_endpoint.register(LOCAL_SCALER_FUNCTION, autoscaler.invoke)
+        self.scaler_function = LOCAL_SCALER_FUNCTION
+        self.autoscalers.append(autoscaler)
+        return autoscaler.start()
 
 
 @contextlib.contextmanager
@@ -198,26 +247,50 @@ def local_stack(
             message_retention=DEFAULT_MESSAGE_RETENTION,
             max_receive_count=max_receive_count,
         )
+        alert_topic_arn, alerts_queue_url = create_alert_topic(
+            sqs_endpoint, queue_url.rsplit("/", 1)[-1]
+        )
         dagster_home = root / "dagster_home"
         write_dagster_yaml(dagster_home, database_url)
+        protection = TaskProtectionAgent()
+        stack.callback(protection.close)
+        lambda_endpoint = LambdaEndpoint()
+        stack.callback(lambda_endpoint.close)
         local = LocalStack(
             root=root,
             database_url=database_url,
             sqs_endpoint=sqs_endpoint,
             queue_url=queue_url,
             dlq_url=dlq_url,
+            alert_topic_arn=alert_topic_arn,
+            alerts_queue_url=alerts_queue_url,
             dagster_home=dagster_home,
             code_locations=code_locations,
+            protection=protection,
+            lambda_endpoint=lambda_endpoint,
         )
         try:
             yield local
         finally:
+            for autoscaler in local.autoscalers:
+                autoscaler.stop()
             for pool in local.pools:
                 pool.stop()
 
 
+@dataclass
+class LocalWorker:
+    name: str
+    process: subprocess.Popen[bytes]
+
+
 class WorkerPool:
-    """Real ``dagster-taskiq worker`` processes on the stack, each logging to a file."""
+    """Real ``dagster-taskiq worker`` processes on the stack, each logging to a file.
+
+    Sized like an ECS service: ``scale_to`` sets the desired count, a worker that dies is
+    replaced, and scale-in stops unprotected (idle) workers first, with SIGTERM so that
+    they drain.
+    """
 
     def __init__(
         self,
@@ -227,23 +300,40 @@ class WorkerPool:
         extra_args: tuple[str, ...] = (),
         extra_env: Mapping[str, str] | None = None,
         stop_timeout: float = 30.0,
+        protection: TaskProtectionAgent | None = None,
     ) -> None:
         self.stack = stack
         self.concurrency = concurrency
         self.extra_args = extra_args
         self.extra_env = dict(extra_env or {})
         self.stop_timeout = stop_timeout
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.protection = protection
+        self.workers: list[LocalWorker] = []
+        self.retiring: list[LocalWorker] = []
         self._started = 0
+        self._lock = threading.RLock()
+
+    @property
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return [w.process for w in self.workers]
+
+    @property
+    def target(self) -> int:
+        return len(self.workers)
 
     @property
     def size(self) -> int:
-        return len([p for p in self.processes if p.poll() is None])
+        """Workers running now, including ones draining after a scale-in."""
+        return len([w for w in self.workers + self.retiring if w.process.poll() is None])
 
-    def start_one(self) -> subprocess.Popen[bytes]:
+    def _start_one(self) -> LocalWorker:
         self._started += 1
-        log_path = self.stack.root / "logs" / f"worker-{self._started}.log"
-        env = {**os.environ, **self.stack.env(), **self.extra_env}
+        name = f"worker-{self._started}"
+        log_path = self.stack.root / "logs" / f"{name}.log"
+        env = {**os.environ, **self.stack.env()}
+        if self.protection is not None:
+            env["ECS_AGENT_URI"] = self.protection.agent_uri(name)
+        env.update(self.extra_env)
         command = [
             sys.executable,
             "-m",
@@ -257,32 +347,50 @@ class WorkerPool:
         ]
         with open(log_path, "ab") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.processes.append(process)
-        return process
+        worker = LocalWorker(name, process)
+        self.workers.append(worker)
+        return worker
 
-    def scale_to(self, count: int) -> None:
-        self.processes = [p for p in self.processes if p.poll() is None]
-        while len(self.processes) < count:
-            self.start_one()
-        while len(self.processes) > count:
-            self._terminate(self.processes.pop())
+    def scale_to(self, count: int, *, wait: bool = True) -> None:
+        with self._lock:
+            self.workers = [w for w in self.workers if w.process.poll() is None]
+            while len(self.workers) < count:
+                self._start_one()
+            while len(self.workers) > count:
+                victim = self._choose_victim()
+                self.workers.remove(victim)
+                victim.process.send_signal(signal.SIGTERM)
+                self.retiring.append(victim)
+        if wait:
+            self._reap(block=True)
 
-    def _terminate(self, process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(self.stop_timeout + 15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    def _choose_victim(self) -> LocalWorker:
+        # Like ECS with task scale-in protection: a busy worker is the last choice.
+        def protected(worker: LocalWorker) -> bool:
+            return self.protection is not None and self.protection.is_protected(worker.name)
+
+        idle = [w for w in self.workers if not protected(w)]
+        return (idle or self.workers)[-1]
+
+    def _reap(self, *, block: bool) -> None:
+        for worker in list(self.retiring):
+            if block:
+                try:
+                    worker.process.wait(self.stop_timeout + 15)
+                except subprocess.TimeoutExpired:
+                    worker.process.kill()
+                    worker.process.wait()
+            if worker.process.poll() is not None:
+                self.retiring.remove(worker)
 
     def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            self._terminate(process)
-        self.processes = []
+        with self._lock:
+            for worker in self.workers:
+                if worker.process.poll() is None:
+                    worker.process.send_signal(signal.SIGTERM)
+            self.retiring.extend(self.workers)
+            self.workers = []
+        self._reap(block=True)
 
     def logs(self) -> str:
         chunks = []

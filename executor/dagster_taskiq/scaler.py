@@ -1,0 +1,325 @@
+"""The scaler: read the signals, apply the scaling policy, set the worker count.
+
+Dagster-free; the scaler Lambda and the local stack run the same ``Scaler``, only the
+``WorkerService`` differs (an ECS service in AWS, a pool of local processes on a laptop).
+The recent recommendations live in PostgreSQL next to the ledger, so the scale-in
+stabilization window survives Lambda cold starts, and their timestamps come from the
+database clock like everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import sqlalchemy as sa
+from botocore.exceptions import BotoCoreError, ClientError
+
+from dagster_taskiq.ledger import Ledger, LedgerUnavailable
+from dagster_taskiq.observability import MetricUnit, emit_metric
+from dagster_taskiq.queue import QueueUnavailable, SqsQueue
+from dagster_taskiq.scaling import (
+    Decision,
+    QueueSignals,
+    Recommendation,
+    ScalingConfig,
+    decide,
+)
+from dagster_taskiq.settings import (
+    ENV_DATABASE_URL,
+    ENV_ECS_CLUSTER,
+    ENV_ECS_SERVICE,
+    ENV_QUEUE_URL,
+    ConfigurationError,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_ecs.client import ECSClient
+
+log = logging.getLogger("dagster_taskiq.scaler")
+
+history_metadata = sa.MetaData()
+scaling_history = sa.Table(
+    "dagster_taskiq_scaling_history",
+    history_metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+    sa.Column("service", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),  # database epoch seconds
+    sa.Column("recommendation", sa.Integer),
+    sa.Column("current", sa.Integer, nullable=False),
+    sa.Column("desired", sa.Integer, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Index("ix_dagster_taskiq_scaling_history_service_at", "service", "at"),
+)
+
+# Decisions older than this are deleted as new ones are written.
+KEEP_HISTORY_SECONDS = 86_400
+
+
+class WorkerServiceUnavailable(Exception):
+    """The worker service could not be read or updated."""
+
+
+class WorkerService(Protocol):
+    """What the scaler sets: an ECS service, or the local worker pool."""
+
+    name: str
+
+    def desired_count(self) -> int: ...
+
+    def set_desired_count(self, count: int) -> None: ...
+
+
+class EcsWorkerService:
+    """The Fargate worker service. The scaler owns desiredCount; the template sets none."""
+
+    def __init__(self, client: ECSClient, *, cluster: str, service: str) -> None:
+        self._client = client
+        self._cluster = cluster
+        self._service = service
+        self.name = f"{cluster}/{service}"
+
+    def _describe(self) -> dict[str, Any]:
+        try:
+            found = self._client.describe_services(cluster=self._cluster, services=[self._service])
+        except (ClientError, BotoCoreError) as e:
+            raise WorkerServiceUnavailable(f"describe_services on {self.name} failed: {e}") from e
+        services = found.get("services", [])
+        if not services:
+            raise WorkerServiceUnavailable(f"ECS service {self.name} not found")
+        return dict(services[0])
+
+    def desired_count(self) -> int:
+        return int(self._describe()["desiredCount"])
+
+    def running_count(self) -> int:
+        return int(self._describe()["runningCount"])
+
+    def set_desired_count(self, count: int) -> None:
+        try:
+            self._client.update_service(
+                cluster=self._cluster, service=self._service, desiredCount=count
+            )
+        except (ClientError, BotoCoreError) as e:
+            raise WorkerServiceUnavailable(f"update_service on {self.name} failed: {e}") from e
+
+
+class HistoryStore:
+    """Recent recommendations per service, in the ledger's database."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._engine = ledger.engine
+        self._ledger = ledger
+
+    def ensure_schema(self) -> None:
+        with self._ledger.transaction() as conn:
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(0x5CA1E)))
+            history_metadata.create_all(conn, checkfirst=True)
+
+    def load(self, service: str, window_seconds: float) -> tuple[float, list[Recommendation]]:
+        """The database's now (epoch seconds) and the recommendations inside the window."""
+        now_epoch = sa.func.extract("epoch", sa.func.now())
+        with self._ledger.transaction() as conn:
+            now = float(conn.execute(sa.select(now_epoch)).scalar_one())
+            rows = conn.execute(
+                sa.select(scaling_history.c.at, scaling_history.c.recommendation)
+                .where(
+                    scaling_history.c.service == service,
+                    scaling_history.c.at >= now - window_seconds,
+                    scaling_history.c.recommendation.is_not(None),
+                )
+                .order_by(scaling_history.c.at)
+            ).all()
+        return now, [Recommendation(at=r.at, workers=r.recommendation) for r in rows]
+
+    def save(self, service: str, now: float, decision: Decision) -> None:
+        with self._ledger.transaction() as conn:
+            conn.execute(
+                scaling_history.insert().values(
+                    service=service,
+                    at=now,
+                    recommendation=decision.recommendation,
+                    current=decision.current,
+                    desired=decision.desired,
+                    reason=decision.reason.value,
+                    detail=decision.detail,
+                )
+            )
+            conn.execute(
+                sa.delete(scaling_history).where(
+                    scaling_history.c.service == service,
+                    scaling_history.c.at < now - KEEP_HISTORY_SECONDS,
+                )
+            )
+
+    def decisions(self, service: str, limit: int = 1000) -> Sequence[sa.Row[Any]]:
+        with self._ledger.transaction() as conn:
+            return conn.execute(
+                sa.select(scaling_history)
+                .where(scaling_history.c.service == service)
+                .order_by(scaling_history.c.id.desc())
+                .limit(limit)
+            ).all()
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    decision: Decision
+    signals: QueueSignals
+    applied: bool  # the service's count was changed
+
+
+class Scaler:
+    def __init__(
+        self,
+        *,
+        queue: SqsQueue,
+        ledger: Ledger,
+        service: WorkerService,
+        config: ScalingConfig,
+        history: HistoryStore | None = None,
+    ) -> None:
+        self.queue = queue
+        self.ledger = ledger
+        self.service = service
+        self.config = config
+        self.history = history or HistoryStore(ledger)
+
+    def read_signals(self) -> QueueSignals:
+        """Each signal separately: one that cannot be read is None, and the policy holds."""
+        visible = delayed = in_flight = live = None
+        try:
+            depth = self.queue.depth()
+            visible, delayed, in_flight = depth.visible, depth.delayed, depth.in_flight
+        except QueueUnavailable as e:
+            log.warning("Queue depth unreadable: %s", e)
+        try:
+            live = self.ledger.live_leases(self.queue.url)
+        except LedgerUnavailable as e:
+            log.warning("Live leases unreadable: %s", e)
+        return QueueSignals(visible=visible, delayed=delayed, in_flight=in_flight, live_leases=live)
+
+    def evaluate(self) -> Evaluation | None:
+        """One evaluation. None when the worker service itself cannot be read."""
+        signals = self.read_signals()
+        try:
+            current = self.service.desired_count()
+        except WorkerServiceUnavailable as e:
+            log.error("Worker service unreadable; nothing decided: %s", e)
+            emit_metric("ScalerErrors", 1, service=self.service.name)
+            return None
+        window = self.config.scale_in_stabilization_seconds
+        try:
+            now, history = self.history.load(self.service.name, window)
+        except LedgerUnavailable as e:
+            log.warning("Scaling history unreadable: %s", e)
+            # Without history the window cannot be honoured: hold, whatever the signals say.
+            signals = QueueSignals(None, None, None, None)
+            now, history = 0.0, []
+        decision = decide(signals, current=current, config=self.config, history=history, now=now)
+        applied = False
+        if decision.changed:
+            try:
+                self.service.set_desired_count(decision.desired)
+                applied = True
+            except WorkerServiceUnavailable as e:
+                log.error("Could not apply the decision: %s", e)
+                emit_metric("ScalerErrors", 1, service=self.service.name)
+        if decision.recommendation is not None:
+            try:
+                self.history.save(self.service.name, now, decision)
+            except LedgerUnavailable as e:
+                log.warning("Could not record the decision: %s", e)
+        self._emit(decision, signals)
+        return Evaluation(decision=decision, signals=signals, applied=applied)
+
+    def _emit(self, decision: Decision, signals: QueueSignals) -> None:
+        service = self.service.name
+        emit_metric("DesiredWorkers", decision.desired, service=service)
+        if None not in (signals.visible, signals.delayed, signals.in_flight):
+            backlog = (signals.visible or 0) + (signals.delayed or 0) + (signals.in_flight or 0)
+            emit_metric("Backlog", backlog, service=service)
+            emit_metric(
+                "BacklogPerWorker",
+                backlog / max(decision.desired, 1),
+                MetricUnit.Count,
+                service=service,
+            )
+        emit_metric("ScalingDecisions", 1, service=service, reason=decision.reason.value)
+
+
+TRIGGER_SOURCE = "dagster-taskiq.executor"
+
+
+def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _required(environ: Mapping[str, str], name: str) -> str:
+    value = environ.get(name)
+    if not value:
+        raise ConfigurationError(f"The scaler needs {name}")
+    return value
+
+
+@dataclass(frozen=True)
+class ScalerSettings:
+    """The scaler Lambda's configuration, from its environment."""
+
+    queue_url: str
+    database_url: str
+    cluster: str
+    service: str
+    config: ScalingConfig
+    evaluations_per_invocation: int = 3
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ScalerSettings:
+        evaluations = _int(environ, "DAGSTER_TASKIQ_SCALER_EVALUATIONS", 3)
+        if not 1 <= evaluations <= 12:
+            raise ConfigurationError("DAGSTER_TASKIQ_SCALER_EVALUATIONS must be 1 to 12")
+        try:
+            config = ScalingConfig(
+                min_workers=_int(environ, "DAGSTER_TASKIQ_MIN_WORKERS", 0),
+                max_workers=_int(environ, "DAGSTER_TASKIQ_MAX_WORKERS", 10),
+                target_backlog_per_worker=_int(environ, "DAGSTER_TASKIQ_TARGET_BACKLOG", 5),
+                steps_per_worker=_int(environ, "DAGSTER_TASKIQ_STEPS_PER_WORKER", 1),
+                scale_in_stabilization_seconds=_int(
+                    environ, "DAGSTER_TASKIQ_SCALE_IN_STABILIZATION_SECONDS", 300
+                ),
+            )
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from e
+        return cls(
+            queue_url=_required(environ, ENV_QUEUE_URL),
+            database_url=_required(environ, ENV_DATABASE_URL),
+            cluster=_required(environ, ENV_ECS_CLUSTER),
+            service=_required(environ, ENV_ECS_SERVICE),
+            config=config,
+            evaluations_per_invocation=evaluations,
+        )
+
+
+def build_scaler(settings: ScalerSettings, *, ecs_client: ECSClient | None = None) -> Scaler:
+    import boto3
+
+    ledger = Ledger(settings.database_url, pool_size=1)
+    # The scaler may run before any executor has created the tables.
+    ledger.ensure_schema()
+    service = EcsWorkerService(
+        ecs_client or boto3.client("ecs"), cluster=settings.cluster, service=settings.service
+    )
+    scaler = Scaler(
+        queue=SqsQueue(settings.queue_url), ledger=ledger, service=service, config=settings.config
+    )
+    scaler.history.ensure_schema()
+    return scaler

@@ -1,0 +1,41 @@
+"""The local stack sized by the scaling policy: from zero, on the executor's trigger."""
+
+from __future__ import annotations
+
+import pytest
+from dagster import DagsterInstance, execute_job, reconstructable
+
+from dagster_taskiq.local.stack import LocalStack
+from dagster_taskiq.scaling import Reason, ScalingConfig
+from tests import jobs
+from tests.helpers import wait_for
+
+
+def test_an_idle_stack_scales_from_zero_on_the_executors_trigger_and_back(
+    stack: LocalStack, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = stack.worker_pool(extra_args=("--wait-seconds", "1"))
+    config = ScalingConfig(max_workers=2, scale_in_stabilization_seconds=3)
+    # A tick far longer than the test: only the executor's trigger can start a worker.
+    autoscaler = stack.autoscale(pool, config, tick_seconds=600)
+    for key, value in stack.env().items():  # now with the scaler function for the executor
+        monkeypatch.setenv(key, value)
+    assert pool.target == 0
+
+    result = execute_job(reconstructable(jobs.outputs_job), instance=instance)
+
+    assert result.success
+    first = autoscaler.evaluations[0]
+    _, evaluation, cause = first
+    assert cause == "invoked by the executor"
+    assert evaluation.decision.reason is Reason.SCALE_FROM_ZERO
+    assert evaluation.applied and evaluation.decision.desired >= 1
+    assert stack.lambda_endpoint.invocations, "the executor called Lambda's Invoke API"
+
+    # The next evaluations see an empty queue; after the window the pool goes to zero.
+    autoscaler.tick_seconds = 0.5
+    autoscaler.invoke({})
+    wait_for(lambda: pool.target == 0, timeout=30, what="scale-in to zero")
+    reasons = [e.decision.reason for _, e, _ in autoscaler.evaluations]
+    assert Reason.SCALE_IN in reasons
+    wait_for(lambda: pool.size == 0, timeout=60, what="the workers to drain and exit")

@@ -1,0 +1,207 @@
+"""The scaler Lambda, in-process, against moto's server (SQS, ECS) and real PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import pytest
+
+from dagster_taskiq.ledger import Ledger
+from dagster_taskiq.queue import SqsQueue, create_queue_with_dlq, sqs_client
+from dagster_taskiq.scaler import HistoryStore
+from lambdas.scaler import handler
+
+REGION = "us-east-1"
+
+
+@dataclass
+class LambdaContext:
+    """The attributes powertools reads from a real Lambda context."""
+
+    function_name: str = "dagster-taskiq-scaler"
+    memory_limit_in_mb: int = 256
+    invoked_function_arn: str = f"arn:aws:lambda:{REGION}:123456789012:function:scaler"
+    aws_request_id: str = "11111111-2222-3333-4444-555555555555"
+    deadline_seconds: float = 60.0
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int(self.deadline_seconds * 1000)
+
+
+@dataclass
+class ScalerWorld:
+    queue: SqsQueue
+    ecs: Any
+    cluster: str
+    service: str
+    ledger: Ledger
+
+    def desired(self) -> int:
+        found = self.ecs.describe_services(cluster=self.cluster, services=[self.service])
+        return int(found["services"][0]["desiredCount"])
+
+    def set_desired(self, count: int) -> None:
+        self.ecs.update_service(cluster=self.cluster, service=self.service, desiredCount=count)
+
+    def send(self, count: int) -> None:
+        for _ in range(count):
+            self.queue.send('{"not": "a step"}')
+
+    def invoke(self, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = handler.lambda_handler(
+            event or {"source": "aws.events"}, LambdaContext()
+        )
+        return result
+
+
+@pytest.fixture
+def world(
+    sqs_endpoint: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ScalerWorld]:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "local")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", sqs_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_ECS", sqs_endpoint)
+    monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "true")
+    name = f"scaler-{uuid.uuid4().hex[:8]}"
+    client = sqs_client(region=REGION, endpoint_url=sqs_endpoint)
+    queue_url, _ = create_queue_with_dlq(
+        client, name, visibility_timeout=30, message_retention=3600, max_receive_count=5
+    )
+    ecs = boto3.client("ecs", region_name=REGION, endpoint_url=sqs_endpoint)
+    ecs.create_cluster(clusterName=name)
+    ecs.register_task_definition(
+        family=name,
+        containerDefinitions=[{"name": "worker", "image": "worker:latest", "memory": 512}],
+    )
+    ecs.create_service(cluster=name, serviceName=name, taskDefinition=name, desiredCount=0)
+    monkeypatch.setenv("DAGSTER_TASKIQ_QUEUE_URL", queue_url)
+    monkeypatch.setenv("DAGSTER_TASKIQ_DATABASE_URL", postgres_url)
+    monkeypatch.setenv("DAGSTER_TASKIQ_ECS_CLUSTER", name)
+    monkeypatch.setenv("DAGSTER_TASKIQ_ECS_SERVICE", name)
+    monkeypatch.setenv("DAGSTER_TASKIQ_MAX_WORKERS", "10")
+    monkeypatch.setenv("DAGSTER_TASKIQ_SCALER_EVALUATIONS", "1")
+    monkeypatch.setenv("DAGSTER_TASKIQ_SCALE_IN_STABILIZATION_SECONDS", "2")
+    handler._scaler.cache_clear()
+    ledger = Ledger(postgres_url)
+    yield ScalerWorld(SqsQueue(queue_url, client=client), ecs, name, name, ledger)
+    handler._scaler.cache_clear()
+    ledger.dispose()
+
+
+def test_the_first_visible_message_scales_from_zero(world: ScalerWorld) -> None:
+    world.send(1)
+    result = world.invoke()
+    assert result["decisions"] == [{"desired": 1, "reason": "scale_from_zero"}]
+    assert world.desired() == 1
+
+
+def test_a_burst_scales_out_at_once_and_respects_max(
+    world: ScalerWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.set_desired(1)
+    world.send(23)
+    assert world.invoke()["decisions"] == [{"desired": 5, "reason": "scale_out"}]
+    assert world.desired() == 5
+
+    monkeypatch.setenv("DAGSTER_TASKIQ_MAX_WORKERS", "3")
+    handler._scaler.cache_clear()
+    world.send(30)
+    assert world.invoke()["decisions"] == [{"desired": 3, "reason": "scale_in"}]
+
+
+def test_scale_in_waits_for_the_stabilization_window(world: ScalerWorld) -> None:
+    world.set_desired(0)
+    world.send(10)
+    assert world.invoke()["decisions"][0]["desired"] == 2
+    # The queue empties (the work is done).
+    while messages := world.queue.receive(max_messages=10, wait_seconds=0, visibility_timeout=30):
+        for message in messages:
+            world.queue.delete(message.receipt_handle)
+    assert world.invoke()["decisions"] == [{"desired": 2, "reason": "stabilizing"}]
+    assert world.desired() == 2
+    time.sleep(2.5)  # the window is 2 s in this test
+    assert world.invoke()["decisions"] == [{"desired": 0, "reason": "scale_in"}]
+    assert world.desired() == 0
+
+
+def test_the_window_survives_a_cold_start(world: ScalerWorld) -> None:
+    world.send(10)
+    world.invoke()
+    while messages := world.queue.receive(max_messages=10, wait_seconds=0, visibility_timeout=30):
+        for message in messages:
+            world.queue.delete(message.receipt_handle)
+    handler._scaler.cache_clear()  # a new container: nothing in memory
+    assert world.invoke()["decisions"] == [{"desired": 2, "reason": "stabilizing"}]
+    history = HistoryStore(world.ledger).decisions(f"{world.cluster}/{world.service}")
+    assert [row.reason for row in history] == ["stabilizing", "scale_from_zero"]
+
+
+def test_never_below_the_workers_running_leased_steps(world: ScalerWorld) -> None:
+    world.set_desired(3)
+    for _ in range(3):
+        key = f"{uuid.uuid4()}:step:0"
+        world.ledger.enqueue(
+            key,
+            run_id="r",
+            step_key="step",
+            attempt=0,
+            payload_hash="h",
+            ttl_seconds=60,
+            queue_url=world.queue.url,
+        )
+        world.ledger.claim(key, worker_id="w", lease_seconds=60, payload_hash="h")
+    time.sleep(2.5)
+    assert world.invoke()["decisions"] == [{"desired": 3, "reason": "hold"}]
+
+
+def test_an_unreadable_queue_keeps_the_count(
+    world: ScalerWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.set_desired(3)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", "http://127.0.0.1:1")
+    handler._scaler.cache_clear()
+    assert world.invoke()["decisions"] == [{"desired": 3, "reason": "unreadable"}]
+    assert world.desired() == 3
+
+
+def test_decisions_are_logged_and_emitted_as_metrics(
+    world: ScalerWorld, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The Logger keeps the stream it was built with; give it one this test can read.
+    log_handler = handler.logger.registered_handler
+    assert isinstance(log_handler, logging.StreamHandler)
+    logs = io.StringIO()
+    previous = log_handler.setStream(logs)
+    try:
+        world.send(6)
+        world.invoke()
+    finally:
+        log_handler.setStream(previous)
+    metrics = capsys.readouterr().out
+    for metric in ("DesiredWorkers", "Backlog", "BacklogPerWorker", "ScalingDecisions"):
+        assert f'"Name":"{metric}"' in metrics, metric
+    decision = json.loads(logs.getvalue().strip().splitlines()[-1])
+    assert decision["reason"] == "scale_from_zero" and decision["desired"] == 2
+    assert decision["message"].startswith("backlog 6 (visible 6, delayed 0, in flight 0)")
+
+
+def test_a_triggered_invocation_evaluates_once_and_at_once(
+    world: ScalerWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DAGSTER_TASKIQ_SCALER_EVALUATIONS", "3")
+    handler._scaler.cache_clear()
+    world.send(1)
+    started = time.monotonic()
+    result = world.invoke({"source": "dagster-taskiq.executor"})
+    assert time.monotonic() - started < 10
+    assert result["decisions"] == [{"desired": 1, "reason": "scale_from_zero"}]
