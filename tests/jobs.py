@@ -189,3 +189,17 @@ def plain_job() -> None:
 
 
 defs = Definitions(jobs=[plain_job], executor=taskiq_executor)
+
+
+# -- a step that kills its worker every time ----------------------------------------------
+
+
+@op
+def kills_its_worker(context: OpExecutionContext) -> None:
+    record(context, "start")
+    os._exit(17)
+
+
+@job(executor_def=taskiq_executor)
+def killer_job() -> None:
+    kills_its_worker()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import click
 
@@ -128,27 +129,56 @@ def worker(
 
 
 @cli.command()
-@click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option(
+    "--max-workers",
+    type=click.IntRange(1, 16),
+    default=2,
+    show_default=True,
+    help="The most workers the scaler may start.",
+)
 @click.option("--concurrency", type=click.IntRange(1, 8), default=1, show_default=True)
-def demo(workers: int, concurrency: int) -> None:
+def demo(max_workers: int, concurrency: int) -> None:
     """Run the demo job on the local stack and print its figures as JSON."""
     from dagster_taskiq.local.demo import run_demo
 
-    sys.exit(run_demo(workers=workers, concurrency=concurrency))
+    sys.exit(run_demo(max_workers=max_workers, concurrency=concurrency))
 
 
 @cli.command()
-@click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option(
+    "--max-workers",
+    type=click.IntRange(1, 16),
+    default=2,
+    show_default=True,
+    help="The most workers the scaler may start.",
+)
 @click.option("--port", type=int, default=3000, show_default=True)
-def ui(workers: int, port: int) -> None:
-    """The local stack with workers, and the Dagster UI on it (Ctrl-C stops all)."""
+def ui(max_workers: int, port: int) -> None:
+    """The local stack, scaled by the policy, and the Dagster UI on it (Ctrl-C stops all)."""
     from dagster_taskiq.local.stack import local_stack
+    from dagster_taskiq.scaling import ScalingConfig
 
+    os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")  # EMF is for CloudWatch
     with local_stack() as stack:
-        stack.apply_env()
         pool = stack.worker_pool()
-        pool.scale_to(workers)
-        click.echo(f"Local stack up: queue {stack.queue_url}; {workers} workers.", err=True)
+
+        def show(evaluation: Any, cause: str) -> None:
+            if evaluation.decision.changed:
+                click.echo(f"[scaler] ({cause}) {evaluation.decision.detail}", err=True)
+
+        stack.autoscale(
+            pool,
+            ScalingConfig(max_workers=max_workers, scale_in_stabilization_seconds=60),
+            tick_seconds=10,
+            on_evaluation=show,
+        )
+        stack.process_dead_letters(dagster_ui_url=f"http://127.0.0.1:{port}")
+        stack.apply_env()
+        click.echo(
+            f"Local stack up: queue {stack.queue_url}; workers start when steps arrive "
+            f"(at most {max_workers}).",
+            err=True,
+        )
         click.echo(f"Open http://127.0.0.1:{port} and launch demo_job.", err=True)
         command = [
             sys.executable, "-m", "dagster", "dev",

@@ -143,6 +143,8 @@ def _encodable(value: str, name: str) -> None:
         value.encode()
     except UnicodeEncodeError:
         raise MessageRejected("malformed", f"field {name!r} is not valid Unicode") from None
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL
+        raise MessageRejected("malformed", f"field {name!r} contains a NUL character")
 
 
 def decode(body: str, *, signing_key: str | None, max_bytes: int) -> StepMessage:

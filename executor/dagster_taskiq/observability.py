@@ -11,6 +11,7 @@ from typing import Any
 
 from aws_lambda_powertools import Logger, single_metric
 from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.metrics.functions import is_metrics_disabled
 
 METRICS_NAMESPACE = os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "DagsterTaskiq")
 
@@ -27,7 +28,12 @@ def get_logger(service: str, **keys: Any) -> Logger:
 def emit_metric(
     name: str, value: float, unit: MetricUnit = MetricUnit.Count, **dimensions: str
 ) -> None:
-    """One EMF metric line. Never raises: a metric must not break a step."""
+    """One EMF metric line. Never raises: a metric must not break a step.
+
+    Honours POWERTOOLS_METRICS_DISABLED, which powertools' ``single_metric`` ignores.
+    """
+    if is_metrics_disabled():
+        return
     try:
         with single_metric(
             name=name, unit=unit, value=value, namespace=METRICS_NAMESPACE

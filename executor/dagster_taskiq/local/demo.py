@@ -1,22 +1,49 @@
 """``make demo``: the demo job through the real executor, queue, workers and ledger.
 
-Prints progress to stderr and, last, one line of JSON with the figures.
+The stack starts with no worker. The scaling policy sizes the pool (the executor's
+step-triggered scale-out wakes it when the run queues its first steps), and the DLQ
+processor watches the dead-letter queue. Progress and every scaling decision go to
+stderr; last comes one line of JSON with the figures.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
 
-from dagster import DagsterInstance, DagsterRunStatus, execute_job, reconstructable
+from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    execute_job,
+    reconstructable,
+)
 
+from dagster_taskiq.dead_letters import DeadLetterResult
 from dagster_taskiq.ledger import Ledger, Status
+from dagster_taskiq.local.autoscale import LocalAutoscaler
 from dagster_taskiq.local.stack import LocalStack, local_stack
+from dagster_taskiq.scaler import Evaluation
+from dagster_taskiq.scaling import Reason, ScalingConfig
 
 
-def summarize(stack: LocalStack, run_id: str, wall_seconds: float) -> dict[str, Any]:
+def say(text: str) -> None:
+    print(f"[demo] {text}", file=sys.stderr, flush=True)
+
+
+def _first_queued_at(instance: DagsterInstance, run_id: str) -> float | None:
+    records = instance.get_records_for_run(
+        run_id, of_type=DagsterEventType.STEP_WORKER_STARTING, limit=1
+    ).records
+    return records[0].event_log_entry.timestamp if records else None
+
+
+def summarize(
+    stack: LocalStack, autoscaler: LocalAutoscaler, run_id: str, wall_seconds: float
+) -> dict[str, Any]:
     instance = DagsterInstance.get()
     run = instance.get_run_by_id(run_id)
     stats = instance.get_run_step_stats(run_id)
@@ -25,6 +52,9 @@ def summarize(stack: LocalStack, run_id: str, wall_seconds: float) -> dict[str, 
         records = ledger.for_run(run_id)
     finally:
         ledger.dispose()
+    changes = [(at, e) for at, e, _ in autoscaler.evaluations if e.applied]
+    first_queued = _first_queued_at(instance, run_id)
+    scale_out = [at for at, e in changes if e.decision.desired > e.decision.current]
     return {
         "run_id": run_id,
         "status": run.status.value if run else "UNKNOWN",
@@ -34,39 +64,64 @@ def summarize(stack: LocalStack, run_id: str, wall_seconds: float) -> dict[str, 
         "attempts": len(records),
         "retried_steps": len({r.step_key for r in records if r.attempt > 0}),
         "duplicates_suppressed": sum(r.duplicates_suppressed for r in records),
-        "ledger": {
-            s.value: sum(1 for r in records if r.status is s)
-            for s in Status
-            if any(r.status is s for r in records)
-        },
-        "workers": sum(pool.size for pool in stack.pools),
+        "dead_lettered": sum(1 for r in records if r.status is Status.DEAD_LETTERED),
+        "ledger": {s.value: n for s in Status if (n := sum(1 for r in records if r.status is s))},
+        "max_workers": max((e.decision.desired for _, e in changes), default=0),
+        "scaling_changes": len(changes),
+        "first_scale_out_after_first_step_seconds": (
+            round(scale_out[0] - first_queued, 2) if scale_out and first_queued else None
+        ),
         "wall_seconds": round(wall_seconds, 2),
     }
 
 
-def run_demo(*, workers: int = 2, concurrency: int = 1) -> int:
+def run_demo(*, max_workers: int = 2, concurrency: int = 1) -> int:
     from dagster_taskiq.local import demo_job
 
-    def say(text: str) -> None:
-        print(f"[demo] {text}", file=sys.stderr, flush=True)
+    def on_evaluation(evaluation: Evaluation, cause: str) -> None:
+        decision = evaluation.decision
+        if decision.changed or cause != "tick":
+            say(f"scaler ({cause}): {decision.reason.value}: {decision.detail}")
 
+    def on_dead_letter(result: DeadLetterResult) -> None:
+        say(f"dead-letter processor: {result.outcome.value}: {result.detail}")
+
+    # EMF metric lines are for CloudWatch; on a terminal they would bury the figures.
+    os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
     say("starting the local stack: embedded PostgreSQL, SQS emulator, queue and DLQ")
     with local_stack() as stack:
-        stack.apply_env()
         pool = stack.worker_pool(concurrency=concurrency)
-        pool.scale_to(workers)
-        say(f"started {workers} workers (each with {concurrency} step process)")
+        config = ScalingConfig(
+            max_workers=max_workers,
+            steps_per_worker=concurrency,
+            scale_in_stabilization_seconds=5,
+        )
+        autoscaler = stack.autoscale(pool, config, tick_seconds=2, on_evaluation=on_evaluation)
+        stack.process_dead_letters(on_result=on_dead_letter)
+        stack.apply_env()
+        say(f"no worker yet; the scaler may start up to {max_workers}")
         instance = DagsterInstance.get()
         say("running demo_job through the taskiq executor")
         started = time.monotonic()
         result = execute_job(reconstructable(demo_job.demo_job), instance=instance)
         wall = time.monotonic() - started
-        summary = summarize(stack, result.run_id, wall)
+        summary = summarize(stack, autoscaler, result.run_id, wall)
         if summary["status"] != DagsterRunStatus.SUCCESS.value:
             say("the run did not succeed; worker logs follow")
             print(pool.logs()[-20000:], file=sys.stderr)
+        say("waiting for the scaler to scale in to zero")
+        deadline = time.monotonic() + 60
+        while pool.target > 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        summary["scaled_in_to_zero"] = pool.target == 0
+        summary["scaling_changes"] = sum(1 for _, e, _ in autoscaler.evaluations if e.applied)
         say("stopping workers, SQS emulator and PostgreSQL")
-        pool.stop()
         instance.dispose()
     print(json.dumps(summary), flush=True)
-    return 0 if summary["status"] == DagsterRunStatus.SUCCESS.value else 1
+    ok = summary["status"] == DagsterRunStatus.SUCCESS.value
+    return (
+        0
+        if ok
+        and any(e.decision.reason is Reason.SCALE_FROM_ZERO for _, e, _ in autoscaler.evaluations)
+        else 1
+    )

@@ -47,6 +47,7 @@ from dagster_taskiq.settings import (
 
 if TYPE_CHECKING:
     from dagster_taskiq.local.autoscale import LocalAutoscaler
+    from dagster_taskiq.local.dead_letters import LocalDeadLetters
     from dagster_taskiq.scaling import ScalingConfig
 
 REGION = "us-east-1"
@@ -172,6 +173,7 @@ class LocalStack:
     lambda_endpoint: LambdaEndpoint
     pools: list[WorkerPool] = field(default_factory=list)
     autoscalers: list[LocalAutoscaler] = field(default_factory=list)
+    dead_letter_consumers: list[LocalDeadLetters] = field(default_factory=list)
     scaler_function: str | None = None
 
     def env(self) -> dict[str, str]:
@@ -212,6 +214,14 @@ class LocalStack:
         self.scaler_function = LOCAL_SCALER_FUNCTION
         self.autoscalers.append(autoscaler)
         return autoscaler.start()
+
+    def process_dead_letters(self, **kwargs: Any) -> LocalDeadLetters:
+        """Run the DLQ processor on this stack's dead-letter queue."""
+        from dagster_taskiq.local.dead_letters import LocalDeadLetters
+
+        consumer = LocalDeadLetters(self, **kwargs)
+        self.dead_letter_consumers.append(consumer)
+        return consumer.start()
 
 
 @contextlib.contextmanager
@@ -274,6 +284,8 @@ def local_stack(
         finally:
             for autoscaler in local.autoscalers:
                 autoscaler.stop()
+            for consumer in local.dead_letter_consumers:
+                consumer.stop()
             for pool in local.pools:
                 pool.stop()
 
