@@ -134,6 +134,8 @@ def _require(fields: dict[str, Any], name: str, kind: type) -> Any:
         raise MessageRejected("malformed", f"field {name!r} is missing or not a {kind.__name__}")
     if isinstance(value, str):
         _encodable(value, name)
+        if "\x00" in value:  # these fields go into PostgreSQL text, which cannot hold NUL
+            raise MessageRejected("malformed", f"field {name!r} contains a NUL character")
     return value
 
 
@@ -143,8 +145,6 @@ def _encodable(value: str, name: str) -> None:
         value.encode()
     except UnicodeEncodeError:
         raise MessageRejected("malformed", f"field {name!r} is not valid Unicode") from None
-    if "\x00" in value:  # PostgreSQL text cannot hold NUL
-        raise MessageRejected("malformed", f"field {name!r} contains a NUL character")
 
 
 def decode(body: str, *, signing_key: str | None, max_bytes: int) -> StepMessage:

@@ -69,3 +69,24 @@ def test_a_dead_letter_for_a_completed_step_is_not_marked_and_raises_no_alert(
     record = ledger.get(json.loads(body)["idempotency_key"])
     assert record is not None and record.status is Status.SUCCEEDED
     assert alerts(stack) == []
+
+
+def test_a_step_no_worker_picks_up_fails_after_the_pickup_timeout(
+    stack: LocalStack, instance: DagsterInstance, ledger: Ledger
+) -> None:
+    # No worker at all.
+    result = execute_job(
+        reconstructable(jobs.outputs_job),
+        instance=instance,
+        run_config={"execution": {"config": {"pickup_timeout": 2, "health_check_interval": 1}}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    (failure,) = step_events(instance, result.run_id, DagsterEventType.STEP_FAILURE)
+    error = failure.step_failure_data.error
+    assert error is not None
+    assert "was not picked up by any worker within 2 s" in error.message
+    assert stack.queue_url in error.message
+    (record,) = ledger.for_run(result.run_id)
+    # Closed in the ledger: a worker that starts later will not run it.
+    assert record.status is Status.FAILED

@@ -583,3 +583,10 @@ def test_encode_decode_round_trip_property(message: StepMessage, key: str | None
     body = encode(message, signing_key=key, max_bytes=MAX)
     assert decode(body, signing_key=key, max_bytes=MAX) == message
     assert peek_key(body) == message.idempotency_key
+
+
+@pytest.mark.parametrize("field", ["run_id", "step_key"])
+def test_a_nul_in_a_field_the_ledger_stores_is_malformed(field: str) -> None:
+    fields = _fields(key=None)
+    fields[field] = "a\x00b"
+    assert _rejected(_body(fields), key=None).reason == "malformed"

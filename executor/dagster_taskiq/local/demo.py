@@ -34,10 +34,8 @@ def say(text: str) -> None:
     print(f"[demo] {text}", file=sys.stderr, flush=True)
 
 
-def _first_queued_at(instance: DagsterInstance, run_id: str) -> float | None:
-    records = instance.get_records_for_run(
-        run_id, of_type=DagsterEventType.STEP_WORKER_STARTING, limit=1
-    ).records
+def _first(instance: DagsterInstance, run_id: str, event_type: DagsterEventType) -> float | None:
+    records = instance.get_records_for_run(run_id, of_type=event_type, limit=1).records
     return records[0].event_log_entry.timestamp if records else None
 
 
@@ -53,7 +51,8 @@ def summarize(
     finally:
         ledger.dispose()
     changes = [(at, e) for at, e, _ in autoscaler.evaluations if e.applied]
-    first_queued = _first_queued_at(instance, run_id)
+    first_queued = _first(instance, run_id, DagsterEventType.STEP_WORKER_STARTING)
+    first_started = _first(instance, run_id, DagsterEventType.STEP_START)
     scale_out = [at for at, e in changes if e.decision.desired > e.decision.current]
     return {
         "run_id": run_id,
@@ -70,6 +69,10 @@ def summarize(
         "scaling_changes": len(changes),
         "first_scale_out_after_first_step_seconds": (
             round(scale_out[0] - first_queued, 2) if scale_out and first_queued else None
+        ),
+        # Includes a worker's cold start: Python, Dagster and the code location imports.
+        "first_step_started_after_queued_seconds": (
+            round(first_started - first_queued, 2) if first_started and first_queued else None
         ),
         "wall_seconds": round(wall_seconds, 2),
     }
