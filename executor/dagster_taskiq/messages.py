@@ -94,6 +94,9 @@ def _sign(fields: dict[str, Any], key: str) -> str:
 
 def encode(message: StepMessage, *, signing_key: str | None, max_bytes: int) -> str:
     """The message body to send. Raises MessageTooLarge rather than truncating."""
+    for name in ("run_id", "step_key"):
+        if "\x00" in getattr(message, name):
+            raise ValueError(f"{name} must not contain a NUL character")
     raw = message.step_args.encode()
     if len(raw) > COMPRESS_ABOVE_BYTES:
         args_field = {

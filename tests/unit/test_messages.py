@@ -567,10 +567,13 @@ def test_decode_of_mutated_valid_message_only_rejects(field: str, value: Any, si
         assert result == original
 
 
+# Identifiers go into PostgreSQL text: any character but NUL (Dagster's are far narrower).
+identifiers = st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=40)
+
 messages = st.builds(
     StepMessage.new,
-    run_id=st.text(min_size=1, max_size=40),
-    step_key=st.text(min_size=1, max_size=40),
+    run_id=identifiers,
+    step_key=identifiers,
     attempt=st.integers(min_value=0, max_value=2**31),
     step_args=st.text(max_size=2_000) | st.builds(_wordy_text, st.integers(8_000, 20_000)),
     lease_seconds=st.integers(min_value=1, max_value=86_400),
@@ -590,3 +593,14 @@ def test_a_nul_in_a_field_the_ledger_stores_is_malformed(field: str) -> None:
     fields = _fields(key=None)
     fields[field] = "a\x00b"
     assert _rejected(_body(fields), key=None).reason == "malformed"
+
+
+def test_encode_refuses_a_nul_in_an_identifier() -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        encode(
+            StepMessage.new(
+                run_id="r", step_key="a\x00b", attempt=0, step_args="{}", lease_seconds=1
+            ),
+            signing_key=None,
+            max_bytes=MAX,
+        )
