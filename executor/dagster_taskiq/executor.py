@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,7 @@ from dagster_taskiq.settings import (
     ENV_SCALER_FUNCTION,
     ENV_SIGNING_KEY,
     ConfigurationError,
+    database_url,
     env_or,
 )
 from dagster_taskiq.step_handler import LaunchSettings, SqsStepHandler
@@ -186,9 +188,9 @@ class ExecutorSettings:
                 "taskiq_executor has no queue URL: set `queue_url` in the executor config "
                 f"(a string or {{env: VAR}}) or the environment variable {ENV_QUEUE_URL}."
             )
-        database_url = env_or(config.get("database_url"), ENV_DATABASE_URL)
-        database_url = database_url or _instance_postgres_url(instance)
-        if not database_url:
+        url = database_url(config.get("database_url"), os.environ)
+        url = url or _instance_postgres_url(instance)
+        if not url:
             raise ConfigurationError(
                 "taskiq_executor has no ledger database: set `database_url` in the executor "
                 f"config or {ENV_DATABASE_URL}, or use dagster-postgres instance storage "
@@ -199,7 +201,7 @@ class ExecutorSettings:
             queue_url=queue_url,
             region=region or DEFAULT_REGION,
             endpoint_url=env_or(config.get("endpoint_url"), ENV_ENDPOINT_URL),
-            database_url=database_url,
+            database_url=url,
             launch=LaunchSettings(
                 lease_seconds=config["visibility_timeout"],
                 idempotency_key_ttl=config["idempotency_key_ttl"],

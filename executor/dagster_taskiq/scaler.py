@@ -33,6 +33,7 @@ from dagster_taskiq.settings import (
     ENV_ECS_SERVICE,
     ENV_QUEUE_URL,
     ConfigurationError,
+    database_url,
 )
 
 if TYPE_CHECKING:
@@ -299,9 +300,12 @@ class ScalerSettings:
             )
         except ValueError as e:
             raise ConfigurationError(str(e)) from e
+        url = database_url(None, environ)
+        if not url:
+            raise ConfigurationError(f"The scaler needs {ENV_DATABASE_URL}")
         return cls(
             queue_url=_required(environ, ENV_QUEUE_URL),
-            database_url=_required(environ, ENV_DATABASE_URL),
+            database_url=url,
             cluster=_required(environ, ENV_ECS_CLUSTER),
             service=_required(environ, ENV_ECS_SERVICE),
             config=config,

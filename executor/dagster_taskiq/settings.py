@@ -6,10 +6,15 @@ Dagster-free: the Lambdas import this module.
 from __future__ import annotations
 
 import os
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from collections.abc import Mapping
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 ENV_QUEUE_URL = "DAGSTER_TASKIQ_QUEUE_URL"
 ENV_DATABASE_URL = "DAGSTER_TASKIQ_DATABASE_URL"
+# The URL may leave the password out: it then comes from one of these, so that it can be
+# injected from Secrets Manager instead of sitting in a plain environment variable.
+ENV_DATABASE_PASSWORD = "DAGSTER_TASKIQ_DATABASE_PASSWORD"
+ENV_DATABASE_SECRET_ARN = "DAGSTER_TASKIQ_DATABASE_SECRET_ARN"
 ENV_ENDPOINT_URL = "DAGSTER_TASKIQ_ENDPOINT_URL"
 ENV_REGION = "DAGSTER_TASKIQ_AWS_REGION"
 ENV_SIGNING_KEY = "DAGSTER_TASKIQ_SIGNING_KEY"
@@ -58,6 +63,41 @@ def _with_driver(url: str, driver: str) -> str:
 
 def _join(scheme: str, netloc: str, path: str, query: str) -> str:
     return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "")
+
+
+def with_password(url: str, password: str) -> str:
+    """The URL with ``password`` in it, unless it already has one."""
+    parts = urlsplit(url)
+    if parts.password is not None or not password:
+        return url
+    userinfo, at, hostinfo = parts.netloc.rpartition("@")
+    if not at:
+        raise ConfigurationError(f"A password needs a user name in the URL: {redact_url(url)}")
+    netloc = f"{userinfo}:{quote(password, safe='')}@{hostinfo}"
+    return _join(parts.scheme, netloc, parts.path, parts.query)
+
+
+def _secret_password(secret_arn: str) -> str:
+    # An RDS/Aurora secret is JSON with a "password" key. Cached by powertools for 5 min.
+    from aws_lambda_powertools.utilities import parameters
+
+    secret = parameters.get_secret(secret_arn, transform="json")
+    if not isinstance(secret, dict) or "password" not in secret:
+        raise ConfigurationError(f"The secret {secret_arn} has no 'password' key")
+    return str(secret["password"])
+
+
+def database_url(explicit: str | None, environ: Mapping[str, str]) -> str | None:
+    """The ledger URL: explicit, else $DAGSTER_TASKIQ_DATABASE_URL; with the password from
+    $DAGSTER_TASKIQ_DATABASE_PASSWORD or the secret $DAGSTER_TASKIQ_DATABASE_SECRET_ARN
+    when the URL has none."""
+    url = explicit or environ.get(ENV_DATABASE_URL) or None
+    if url is None:
+        return None
+    password = environ.get(ENV_DATABASE_PASSWORD)
+    if not password and environ.get(ENV_DATABASE_SECRET_ARN):
+        password = _secret_password(environ[ENV_DATABASE_SECRET_ARN])
+    return with_password(url, password) if password else url
 
 
 def ledger_url(url: str) -> str:

@@ -17,6 +17,7 @@ Environment:
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import asdict
 from typing import Any
 
@@ -49,6 +50,7 @@ from dagster_taskiq.settings import (
     ENV_DATABASE_URL,
     ENV_SIGNING_KEY,
     ConfigurationError,
+    database_url,
     env_or,
 )
 
@@ -63,9 +65,9 @@ batch = BatchProcessor(event_type=EventType.SQS)
 @functools.cache
 def get_processor() -> DeadLetterProcessor:
     """Built on first use and kept for the container's life: one pool, one SNS client."""
-    database_url = env_or(None, ENV_DATABASE_URL)
+    url = database_url(None, os.environ)
     topic_arn = env_or(None, ENV_ALERT_TOPIC_ARN)
-    if not database_url or not topic_arn:
+    if not url or not topic_arn:
         raise ConfigurationError(
             f"Set {ENV_DATABASE_URL} (the ledger) and {ENV_ALERT_TOPIC_ARN} (the SNS topic "
             "for alerts) on the DLQ processor Lambda."
@@ -86,7 +88,7 @@ def get_processor() -> DeadLetterProcessor:
     )
     return DeadLetterProcessor(
         # Records are processed one at a time: one connection per container is enough.
-        Ledger(database_url, pool_size=1),
+        Ledger(url, pool_size=1),
         SnsAlerts(sns, topic_arn),
         signing_key=env_or(None, ENV_SIGNING_KEY),
         dagster_ui_url=env_or(None, ENV_DAGSTER_UI_URL),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from dagster_taskiq.ledger import Ledger
 from dagster_taskiq.queue import SqsQueue
 from dagster_taskiq.settings import ENV_DATABASE_URL, ConfigurationError
+from dagster_taskiq.settings import database_url as resolve_database_url
 from dagster_taskiq.worker.config import WorkerSettings
 from dagster_taskiq.worker.supervisor import Worker
 
@@ -24,7 +26,8 @@ def _instance_database_url() -> str | None:
 
 
 def run_worker(settings: WorkerSettings) -> int:
-    database_url = settings.database_url or _instance_database_url()
+    database_url = resolve_database_url(settings.database_url or None, os.environ)
+    database_url = database_url or _instance_database_url()
     if not database_url:
         raise ConfigurationError(
             f"No ledger database: pass --database-url or set {ENV_DATABASE_URL}, or give the "
