@@ -24,6 +24,14 @@ from dagster_taskiq.settings import (
     ConfigurationError,
 )
 
+max_workers_option = click.option(
+    "--max-workers",
+    type=click.IntRange(1, 16),
+    default=2,
+    show_default=True,
+    help="The most workers the scaler may start.",
+)
+
 
 @click.group()
 @click.version_option(package_name="dagster-taskiq")
@@ -129,13 +137,7 @@ def worker(
 
 
 @cli.command()
-@click.option(
-    "--max-workers",
-    type=click.IntRange(1, 16),
-    default=2,
-    show_default=True,
-    help="The most workers the scaler may start.",
-)
+@max_workers_option
 @click.option("--concurrency", type=click.IntRange(1, 8), default=1, show_default=True)
 def demo(max_workers: int, concurrency: int) -> None:
     """Run the demo job on the local stack and print its figures as JSON."""
@@ -145,13 +147,7 @@ def demo(max_workers: int, concurrency: int) -> None:
 
 
 @cli.command()
-@click.option(
-    "--max-workers",
-    type=click.IntRange(1, 16),
-    default=2,
-    show_default=True,
-    help="The most workers the scaler may start.",
-)
+@max_workers_option
 @click.option("--port", type=int, default=3000, show_default=True)
 def ui(max_workers: int, port: int) -> None:
     """The local stack, scaled by the policy, and the Dagster UI on it (Ctrl-C stops all)."""

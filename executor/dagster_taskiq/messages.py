@@ -94,8 +94,14 @@ def _sign(fields: dict[str, Any], key: str) -> str:
 
 def encode(message: StepMessage, *, signing_key: str | None, max_bytes: int) -> str:
     """The message body to send. Raises MessageTooLarge rather than truncating."""
-    for name in ("run_id", "step_key"):
-        if "\x00" in getattr(message, name):
+    # Refuse here what decode() refuses, so that what is sent can be received.
+    for name in ("run_id", "step_key", "step_args"):
+        value: str = getattr(message, name)
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"{name} is not valid Unicode") from None
+        if name != "step_args" and "\x00" in value:
             raise ValueError(f"{name} must not contain a NUL character")
     raw = message.step_args.encode()
     if len(raw) > COMPRESS_ABOVE_BYTES:
