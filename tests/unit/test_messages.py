@@ -569,7 +569,7 @@ def test_decode_of_mutated_valid_message_only_rejects(field: str, value: Any, si
 
 # Identifiers go into PostgreSQL text: any character but NUL (Dagster's are far narrower).
 identifiers = st.text(
-    st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1, max_size=40
+    st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), min_size=1, max_size=40
 )
 
 messages = st.builds(
