@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: install demo test lint typecheck unit test-slow lock ui clean
+.PHONY: install demo test lint typecheck unit test-slow lock ui clean synth
 
 install: $(STAMP)
 
@@ -35,6 +35,14 @@ test: lint typecheck
 # Long fault runs (marked `slow`); pytest's exit code 5 means none are collected yet.
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow $(PYTEST_ARGS) || test $$? -eq 5
+
+# The CDK app (cdk/) synthesized into cdk.out/, offline: no AWS account (the stack is
+# environment-agnostic) and no Docker (the worker image is built by `cdk deploy`). The CLI is
+# the one pinned in package-lock.json, installed again whenever the lockfile changes.
+synth: $(STAMP)
+	test node_modules/.package-lock.json -nt package-lock.json || npm ci --no-audit --no-fund
+	CDK_DISABLE_VERSION_CHECK=1 CDK_DISABLE_CLI_TELEMETRY=true \
+		npx --no-install cdk synth --quiet --no-notices
 
 # Re-pin every dependency from a fresh resolve of pyproject.toml.
 lock:

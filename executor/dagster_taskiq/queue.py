@@ -6,6 +6,7 @@ Dagster-free: the Lambdas import this module.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,8 @@ class QueueDepth:
 def sqs_client(
     *, region: str | None = None, endpoint_url: str | None = None, read_timeout: int = 30
 ) -> SQSClient:
+    # In Lambda and ECS, AWS_REGION names the region the code runs in.
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     config = Config(
         region_name=region or DEFAULT_REGION,
         connect_timeout=5,

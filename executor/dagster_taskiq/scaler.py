@@ -10,6 +10,7 @@ database clock like everything else.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -300,12 +301,10 @@ class ScalerSettings:
             )
         except ValueError as e:
             raise ConfigurationError(str(e)) from e
-        url = database_url(None, environ)
-        if not url:
-            raise ConfigurationError(f"The scaler needs {ENV_DATABASE_URL}")
         return cls(
             queue_url=_required(environ, ENV_QUEUE_URL),
-            database_url=url,
+            # Its password, if not in it, is resolved when the scaler is built.
+            database_url=_required(environ, ENV_DATABASE_URL),
             cluster=_required(environ, ENV_ECS_CLUSTER),
             service=_required(environ, ENV_ECS_SERVICE),
             config=config,
@@ -316,7 +315,8 @@ class ScalerSettings:
 def build_scaler(settings: ScalerSettings, *, ecs_client: ECSClient | None = None) -> Scaler:
     import boto3
 
-    ledger = Ledger(settings.database_url, pool_size=1)
+    url = database_url(settings.database_url, os.environ) or settings.database_url
+    ledger = Ledger(url, pool_size=1)
     # The scaler may run before any executor has created the tables.
     ledger.ensure_schema()
     service = EcsWorkerService(

@@ -1,0 +1,1 @@
+"""The CDK app that deploys dagster-taskiq: ``cdk synth`` / ``cdk deploy`` from the repo root."""

@@ -1,0 +1,57 @@
+"""What a Dagster run worker (the process running the executor) needs from this stack."""
+
+from __future__ import annotations
+
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from .database import Database
+
+RUN_WORKER_QUEUE_ACTIONS = ("sqs:GetQueueAttributes", "sqs:SendMessage")
+
+
+class RunWorkerAccess(Construct):
+    """A managed policy to attach to the run worker's role, and a security group to put it in.
+
+    The executor sends steps and checks the queue's settings; for scale-from-zero it reads the
+    worker service and invokes the scaler. It also writes the ledger and Dagster's event log,
+    so the group is admitted to the database.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        vpc: ec2.IVpc,
+        queue: sqs.IQueue,
+        scaler: lambda_.IFunction,
+        service_arn: str,
+        database: Database,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.policy = iam.ManagedPolicy(
+            self,
+            "Policy",
+            description="dagster-taskiq run worker: send steps, wake the scaler",
+            statements=[
+                iam.PolicyStatement(
+                    actions=list(RUN_WORKER_QUEUE_ACTIONS), resources=[queue.queue_arn]
+                ),
+                iam.PolicyStatement(
+                    actions=["lambda:InvokeFunction"], resources=[scaler.function_arn]
+                ),
+                iam.PolicyStatement(actions=["ecs:DescribeServices"], resources=[service_arn]),
+            ],
+        )
+        self.security_group = ec2.SecurityGroup(
+            self,
+            "SecurityGroup",
+            vpc=vpc,
+            description="dagster-taskiq run workers (and the Dagster webserver and daemon)",
+            allow_all_outbound=True,
+        )
+        database.allow_from(self.security_group, "Dagster run workers")

@@ -1,0 +1,327 @@
+"""Deployment settings, read from CDK context (``cdk.json`` or ``cdk synth -c key=value``).
+
+Every setting has a default; a wrong value or an unknown key fails the synth with a message
+that names the key and what it accepts. Values given with ``-c`` arrive as strings, values
+from ``cdk.json`` as JSON: both are accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from aws_cdk import aws_logs as logs
+
+# SQS's maximum retention. The DLQ keeps dead letters this long, so an operator has the most
+# time to look at them; the step queue must keep its messages for less (see message_retention).
+DLQ_RETENTION_SECONDS = 1_209_600
+
+# Fargate's valid task sizes: CPU units -> the memory sizes (MiB) allowed with it.
+FARGATE_TASK_SIZES: dict[int, tuple[int, ...]] = {
+    256: (512, 1024, 2048),
+    512: tuple(range(1024, 4097, 1024)),
+    1024: tuple(range(2048, 8193, 1024)),
+    2048: tuple(range(4096, 16385, 1024)),
+    4096: tuple(range(8192, 30721, 1024)),
+    8192: tuple(range(16384, 61441, 4096)),
+    16384: tuple(range(32768, 122881, 8192)),
+}
+
+# CloudWatch Logs accepts only these retention periods: days -> CDK's name for it.
+LOG_RETENTION_DAYS: dict[int, str] = {
+    1: "ONE_DAY",
+    3: "THREE_DAYS",
+    5: "FIVE_DAYS",
+    7: "ONE_WEEK",
+    14: "TWO_WEEKS",
+    30: "ONE_MONTH",
+    60: "TWO_MONTHS",
+    90: "THREE_MONTHS",
+    120: "FOUR_MONTHS",
+    150: "FIVE_MONTHS",
+    180: "SIX_MONTHS",
+    365: "ONE_YEAR",
+    400: "THIRTEEN_MONTHS",
+    545: "EIGHTEEN_MONTHS",
+    731: "TWO_YEARS",
+}
+
+# Fargate sends SIGKILL at most 120 s after SIGTERM.
+MAX_STOP_TIMEOUT = 120
+# The worker's --stop-timeout is this much below the container's stop timeout: after it, the
+# worker still has to give unfinished steps back (release leases, visibility 0) before SIGKILL.
+WORKER_GIVE_BACK_SECONDS = 15
+
+_ENVIRONMENT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
+_VPC_ID = re.compile(r"^vpc-[0-9a-f]{8,17}$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# Context keys the settings own look like this; CDK's own keys (feature flags, lookups,
+# "aws:cdk:...") contain "@", ":" or "/" and are left alone.
+_SETTING_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class SettingsError(ValueError):
+    """A context value is missing, malformed or out of range; the message names the key."""
+
+
+def _setting(default: Any, doc: str) -> Any:
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class DeploymentSettings:
+    """What one deployment of dagster-taskiq looks like. Field names are the context keys."""
+
+    environment: str = _setting("dev", "deployment name: the stack is DagsterTaskiq-<environment>")
+    min_workers: int = _setting(0, "fewest worker tasks the scaler keeps running")
+    max_workers: int = _setting(10, "most worker tasks the scaler starts")
+    target_backlog_per_worker: int = _setting(5, "waiting steps per worker the scaler aims for")
+    worker_cpu: int = _setting(1024, "Fargate CPU units per worker task")
+    worker_memory: int = _setting(2048, "MiB per worker task (a valid Fargate size for the CPU)")
+    steps_per_worker: int = _setting(2, "step processes per worker (the worker's --concurrency)")
+    spot_share: int = _setting(50, "percent of the capacity-provider weight on FARGATE_SPOT")
+    alert_email: str | None = _setting(None, "e-mail address subscribed to the alert topic")
+    dagster_ui_url: str | None = _setting(None, "Dagster UI base URL, for run links in alerts")
+    vpc_id: str | None = _setting(None, "existing VPC to deploy into; default: a new VPC")
+    max_receive_count: int = _setting(5, "deliveries of a step before SQS dead-letters it")
+    visibility_timeout: int = _setting(300, "seconds: a worker's lease on a step message")
+    message_retention: int = _setting(345_600, "seconds the step queue keeps a message")
+    stop_timeout: int = _setting(120, "seconds between SIGTERM and SIGKILL for a worker")
+    scale_in_stabilization_seconds: int = _setting(300, "the scaler's scale-in window, seconds")
+    code_locations: str = _setting(
+        "my_project.definitions", "comma-separated modules or files the workers may run jobs from"
+    )
+    worker_dockerfile: str = _setting(
+        "worker_image/Dockerfile",
+        "the worker image's Dockerfile, relative to the repository root (its build context)",
+    )
+    deletion_protection: bool = _setting(True, "protect the database from deletion")
+    iam_database_auth: bool = _setting(True, "enable IAM authentication on the database")
+    db_min_capacity: float = _setting(0.5, "Aurora Serverless v2 minimum ACUs")
+    db_max_capacity: float = _setting(4.0, "Aurora Serverless v2 maximum ACUs")
+    oldest_message_alarm_seconds: int = _setting(
+        900, "alarm when the oldest waiting step is older than this, seconds"
+    )
+    log_retention_days: int = _setting(30, "CloudWatch Logs retention of every log group, days")
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    @property
+    def stack_name(self) -> str:
+        return f"DagsterTaskiq-{self.environment}"
+
+    @property
+    def worker_stop_timeout(self) -> int:
+        """The worker's own --stop-timeout: leaves time to give steps back before SIGKILL."""
+        return self.stop_timeout - WORKER_GIVE_BACK_SECONDS
+
+    @property
+    def spot_weights(self) -> dict[str, int]:
+        """Capacity provider -> weight; a provider with no weight is left out."""
+        weights = {"FARGATE": 100 - self.spot_share, "FARGATE_SPOT": self.spot_share}
+        return {provider: weight for provider, weight in weights.items() if weight > 0}
+
+    @property
+    def log_retention(self) -> logs.RetentionDays:
+        return logs.RetentionDays[LOG_RETENTION_DAYS[self.log_retention_days]]
+
+    @property
+    def metrics_service(self) -> str:
+        """The ``service`` dimension of the step metrics workers and the DLQ processor emit.
+
+        Set as POWERTOOLS_SERVICE_NAME, so two deployments in one account and region keep
+        their metrics apart.
+        """
+        return f"dagster-taskiq-{self.environment}"
+
+    @classmethod
+    def documentation(cls) -> dict[str, tuple[Any, str]]:
+        """Context key -> (default, meaning)."""
+        return {f.name: (f.default, f.metadata["doc"]) for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_context(cls, context: Mapping[str, Any]) -> DeploymentSettings:
+        """Parse the settings from a CDK context mapping (the app's whole context).
+
+        Keys that look like settings but are not one are refused: a typo would otherwise
+        deploy the default silently.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in context if _SETTING_KEY.match(k) and k not in fields)
+        if unknown:
+            raise SettingsError(
+                f"Unknown context key(s) {', '.join(unknown)}; the settings are: "
+                + ", ".join(sorted(fields))
+            )
+        values: dict[str, Any] = {}
+        for name, field in fields.items():
+            raw = context.get(name)
+            if raw is None:
+                continue
+            values[name] = _PARSERS[field.type](name, raw)
+        return cls(**values)
+
+    def _validate(self) -> None:
+        _check(
+            bool(_ENVIRONMENT_NAME.match(self.environment)),
+            "environment",
+            "must be 1-20 characters: a lowercase letter, then lowercase letters, digits or -",
+        )
+        _check(self.min_workers >= 0, "min_workers", "must be 0 or more")
+        _check(1 <= self.max_workers <= 1000, "max_workers", "must be between 1 and 1000")
+        _check(
+            self.min_workers <= self.max_workers,
+            "min_workers",
+            f"must not exceed max_workers ({self.max_workers})",
+        )
+        _check(self.target_backlog_per_worker >= 1, "target_backlog_per_worker", "must be 1+")
+        _check(1 <= self.steps_per_worker <= 64, "steps_per_worker", "must be between 1 and 64")
+        _check(
+            self.worker_cpu in FARGATE_TASK_SIZES,
+            "worker_cpu",
+            f"must be one of {sorted(FARGATE_TASK_SIZES)}",
+        )
+        allowed_memory = FARGATE_TASK_SIZES[self.worker_cpu]
+        _check(
+            self.worker_memory in allowed_memory,
+            "worker_memory",
+            f"must be a Fargate size for worker_cpu={self.worker_cpu}: "
+            f"{allowed_memory[0]} to {allowed_memory[-1]} MiB in the steps Fargate allows",
+        )
+        _check(0 <= self.spot_share <= 100, "spot_share", "must be a percentage, 0 to 100")
+        _check(
+            self.alert_email is None or bool(_EMAIL.match(self.alert_email)),
+            "alert_email",
+            "must be an e-mail address",
+        )
+        _check(
+            self.dagster_ui_url is None or self.dagster_ui_url.startswith(("https://", "http://")),
+            "dagster_ui_url",
+            "must be an http(s) URL",
+        )
+        _check(
+            self.vpc_id is None or bool(_VPC_ID.match(self.vpc_id)),
+            "vpc_id",
+            "must be a VPC id (vpc-0123456789abcdef0)",
+        )
+        _check(1 <= self.max_receive_count <= 1000, "max_receive_count", "must be 1 to 1000")
+        _check(
+            0 <= self.visibility_timeout <= 43_200,
+            "visibility_timeout",
+            "must be 0 to 43200 seconds (SQS's limit)",
+        )
+        _check(
+            60 <= self.message_retention < DLQ_RETENTION_SECONDS,
+            "message_retention",
+            f"must be at least 60 and below {DLQ_RETENTION_SECONDS} seconds: the dead-letter "
+            "queue keeps messages for the SQS maximum, and must keep them longer than the "
+            "step queue, or a dead letter could expire before anyone sees it",
+        )
+        _check(
+            WORKER_GIVE_BACK_SECONDS + 5 <= self.stop_timeout <= MAX_STOP_TIMEOUT,
+            "stop_timeout",
+            f"must be {WORKER_GIVE_BACK_SECONDS + 5} to {MAX_STOP_TIMEOUT} seconds "
+            "(Fargate's maximum)",
+        )
+        _check(
+            0 <= self.scale_in_stabilization_seconds <= 3600,
+            "scale_in_stabilization_seconds",
+            "must be 0 to 3600 seconds",
+        )
+        locations = [part.strip() for part in self.code_locations.split(",")]
+        _check(
+            all(locations),
+            "code_locations",
+            "must be one or more comma-separated module names or files, none empty",
+        )
+        dockerfile = PurePosixPath(self.worker_dockerfile)
+        _check(
+            bool(self.worker_dockerfile)
+            and not dockerfile.is_absolute()
+            and ".." not in dockerfile.parts,
+            "worker_dockerfile",
+            "must be a path inside the repository, relative to its root",
+        )
+        _check(
+            0 <= self.db_min_capacity <= self.db_max_capacity <= 256
+            and self.db_max_capacity >= 1
+            and (self.db_min_capacity * 2).is_integer()
+            and (self.db_max_capacity * 2).is_integer(),
+            "db_min_capacity",
+            "and db_max_capacity must be multiples of 0.5 ACU with 0 <= min <= max <= 256 "
+            "and max >= 1",
+        )
+        _check(
+            self.oldest_message_alarm_seconds >= 60,
+            "oldest_message_alarm_seconds",
+            "must be 60 seconds or more",
+        )
+        _check(
+            self.log_retention_days in LOG_RETENTION_DAYS,
+            "log_retention_days",
+            f"must be one of {sorted(LOG_RETENTION_DAYS)} (CloudWatch Logs' periods)",
+        )
+
+
+def _check(ok: bool, key: str, requirement: str) -> None:
+    if not ok:
+        raise SettingsError(f"Context setting {key!r} {requirement}.")
+
+
+def _parse_int(key: str, raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise SettingsError(f"Context setting {key!r} must be a whole number, got {raw!r}.")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, str) and re.fullmatch(r"-?\d+", raw.strip()):
+        return int(raw)
+    raise SettingsError(f"Context setting {key!r} must be a whole number, got {raw!r}.")
+
+
+def _parse_float(key: str, raw: Any) -> float:
+    if not isinstance(raw, bool) and isinstance(raw, int | float):
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            return float(raw)
+        except ValueError:
+            pass
+    raise SettingsError(f"Context setting {key!r} must be a number, got {raw!r}.")
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def _parse_bool(key: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise SettingsError(f"Context setting {key!r} must be true or false, got {raw!r}.")
+
+
+def _parse_str(key: str, raw: Any) -> str:
+    if isinstance(raw, str):
+        return raw.strip()
+    raise SettingsError(f"Context setting {key!r} must be a string, got {raw!r}.")
+
+
+def _parse_optional_str(key: str, raw: Any) -> str | None:
+    # An empty string unsets an optional value, so `-c alert_email=` turns it off.
+    return _parse_str(key, raw) or None
+
+
+# Keyed by the annotation text (``from __future__ import annotations`` keeps them strings).
+_PARSERS: dict[Any, Callable[[str, Any], Any]] = {
+    "int": _parse_int,
+    "float": _parse_float,
+    "bool": _parse_bool,
+    "str": _parse_str,
+    "str | None": _parse_optional_str,
+}

@@ -1,0 +1,205 @@
+"""The worker service: warm `dagster-taskiq worker` tasks on Fargate (and Fargate Spot)."""
+
+from __future__ import annotations
+
+from aws_cdk import Aws, Duration, IgnoreMode, RemovalPolicy
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr_assets as ecr_assets
+from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from dagster_taskiq.settings import (
+    ENV_CODE_LOCATIONS,
+    ENV_CONCURRENCY,
+    ENV_DATABASE_PASSWORD,
+    ENV_DATABASE_URL,
+    ENV_QUEUE_URL,
+    ENV_REGION,
+)
+
+from . import environment as env
+from .database import Database
+from .nag import Acknowledgment, acknowledge
+from .paths import REPO_ROOT
+from .settings import DeploymentSettings
+
+# What a worker does with the step queue: receive, extend its lease (the heartbeat), delete
+# after completion, and read the queue's attributes. Nothing else, and only on this queue.
+WORKER_QUEUE_ACTIONS = (
+    "sqs:ChangeMessageVisibility",
+    "sqs:DeleteMessage",
+    "sqs:GetQueueAttributes",
+    "sqs:ReceiveMessage",
+)
+
+CONTAINER_NAME = "worker"
+
+# The worker image's build context is the repository root (worker_image/Dockerfile installs
+# the package from it). Everything is left out but what the Dockerfile copies, in
+# .dockerignore syntax: without this the context would include .venv, node_modules and .git.
+IMAGE_CONTEXT_EXCLUDES = (
+    "*",
+    "!constraints.txt",
+    "!pyproject.toml",
+    "!README.md",
+    "!executor",
+    "!worker_image",
+    "**/__pycache__",
+    "**/*.pyc",
+    "**/*.egg-info",
+)
+
+
+class Workers(Construct):
+    """The ECS cluster and the service. The service has no desiredCount: the scaler owns it."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: DeploymentSettings,
+        vpc: ec2.IVpc,
+        subnets: ec2.SubnetSelection,
+        queue: sqs.IQueue,
+        database: Database,
+        dockerfile: str,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.security_group = ec2.SecurityGroup(
+            self,
+            "SecurityGroup",
+            vpc=vpc,
+            description="dagster-taskiq workers: no inbound; outbound to AWS APIs and the database",
+            allow_all_outbound=True,
+        )
+        self.cluster = ecs.Cluster(
+            self,
+            "Cluster",
+            vpc=vpc,
+            container_insights_v2=ecs.ContainerInsights.ENHANCED,
+            enable_fargate_capacity_providers=True,
+        )
+        task_definition = ecs.FargateTaskDefinition(
+            self,
+            "Task",
+            cpu=settings.worker_cpu,
+            memory_limit_mib=settings.worker_memory,
+            runtime_platform=ecs.RuntimePlatform(
+                cpu_architecture=ecs.CpuArchitecture.X86_64,
+                operating_system_family=ecs.OperatingSystemFamily.LINUX,
+            ),
+        )
+        task_definition.add_to_task_role_policy(
+            iam.PolicyStatement(actions=list(WORKER_QUEUE_ACTIONS), resources=[queue.queue_arn])
+        )
+        self.log_group = logs.LogGroup(
+            self,
+            "Logs",
+            retention=settings.log_retention,
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+        task_definition.add_container(
+            CONTAINER_NAME,
+            # Built at deploy time (cdk deploy runs docker build); synth only hashes and stages
+            # the build context: the repository root, cut down to what the Dockerfile copies.
+            image=ecs.ContainerImage.from_asset(
+                str(REPO_ROOT),
+                file=dockerfile,
+                exclude=list(IMAGE_CONTEXT_EXCLUDES),
+                ignore_mode=IgnoreMode.DOCKER,
+                platform=ecr_assets.Platform.LINUX_AMD64,
+            ),
+            # Both set, so the task runs the worker whatever the image's ENTRYPOINT is.
+            entry_point=["dagster-taskiq"],
+            command=["worker", "--stop-timeout", str(settings.worker_stop_timeout)],
+            environment={
+                ENV_QUEUE_URL: queue.queue_url,
+                ENV_CONCURRENCY: str(settings.steps_per_worker),
+                ENV_CODE_LOCATIONS: settings.code_locations,
+                ENV_REGION: Aws.REGION,
+                env.PG_HOST: database.hostname,
+                env.PG_PORT: str(database.port),
+                env.PG_DB: database.name,
+                # The ledger (pg8000) with TLS; its password comes from the secret below.
+                ENV_DATABASE_URL: database.password_less_url(),
+                env.METRICS_NAMESPACE: env.METRICS_NAMESPACE_VALUE,
+                env.METRICS_SERVICE: settings.metrics_service,
+            },
+            secrets={
+                env.PG_USER: ecs.Secret.from_secrets_manager(database.secret, "username"),
+                env.PG_PASSWORD: ecs.Secret.from_secrets_manager(database.secret, "password"),
+                ENV_DATABASE_PASSWORD: ecs.Secret.from_secrets_manager(database.secret, "password"),
+            },
+            logging=ecs.LogDrivers.aws_logs(stream_prefix=CONTAINER_NAME, log_group=self.log_group),
+            # SIGTERM, then this long to finish or give back running steps, then SIGKILL.
+            stop_timeout=Duration.seconds(settings.stop_timeout),
+            # An init process as PID 1 forwards SIGTERM and reaps what steps leave behind.
+            linux_parameters=ecs.LinuxParameters(
+                self, "LinuxParameters", init_process_enabled=True
+            ),
+        )
+        self.service = ecs.FargateService(
+            self,
+            "Service",
+            cluster=self.cluster,
+            task_definition=task_definition,
+            security_groups=[self.security_group],
+            vpc_subnets=subnets,
+            assign_public_ip=False,
+            platform_version=ecs.FargatePlatformVersion.LATEST,
+            capacity_provider_strategies=[
+                ecs.CapacityProviderStrategy(capacity_provider=provider, weight=weight)
+                for provider, weight in settings.spot_weights.items()
+            ],
+            circuit_breaker=ecs.DeploymentCircuitBreaker(enable=True, rollback=True),
+            # A deployment starts the new workers before it stops the old ones, which then
+            # finish (or give back) their steps within the stop timeout.
+            min_healthy_percent=100,
+            max_healthy_percent=200,
+            propagate_tags=ecs.PropagatedTagSource.SERVICE,
+        )
+        # A DesiredCount in the template would reset the scaler's count on every deploy.
+        # Without one, CloudFormation starts one task on create and leaves the count alone on
+        # updates. aws-cdk-lib 2.275 renders none when none is given (older versions rendered
+        # 1); the override keeps it out whatever a future version renders.
+        cfn_service = self.service.node.default_child
+        if not isinstance(cfn_service, ecs.CfnService):
+            raise TypeError("The Fargate service's default child is not a CfnService")
+        cfn_service.add_property_deletion_override("DesiredCount")
+        self.task_definition = task_definition
+        self._acknowledge()
+
+    @property
+    def service_arn(self) -> str:
+        return self.service.service_arn
+
+    def _acknowledge(self) -> None:
+        acknowledge(
+            self.task_definition,
+            [
+                Acknowledgment(
+                    "AwsSolutions-ECS2",
+                    "The plain environment holds only non-secret configuration (queue URL, "
+                    "concurrency, code locations, database host/port/name, metric names); the "
+                    "database username and password come from Secrets Manager as ECS secrets.",
+                ),
+            ],
+        )
+        execution_role = self.task_definition.execution_role
+        if execution_role is not None:
+            acknowledge(
+                execution_role,
+                [
+                    Acknowledgment(
+                        "AwsSolutions-IAM5",
+                        "ecr:GetAuthorizationToken, which the execution role needs to pull the "
+                        "worker image, exists only on '*'; the pull itself is limited to the "
+                        "asset repository.",
+                        findings=("Resource::*",),
+                    ),
+                ],
+            )

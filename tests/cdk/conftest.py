@@ -1,0 +1,97 @@
+"""The CDK app built in-process, as cdk/app.py builds it, once per test run per context.
+
+Each build takes a few seconds (the Lambda bundles, the construct tree, the synth and cdk-nag),
+so the default deployment and one with every setting changed are shared by all tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aws_cdk import App, CfnElement, Stack
+from aws_cdk.assertions import Template
+from constructs import IConstruct
+
+from cdk.dagster_taskiq_cdk.paths import REPO_ROOT
+from cdk.dagster_taskiq_cdk.stack import DagsterTaskiqStack, build_stack
+
+# Every setting away from its default, to show the template follows the context.
+CUSTOM_CONTEXT: dict[str, Any] = {
+    "environment": "staging",
+    # -c values arrive as strings: parse them like the CLI passes them.
+    "max_receive_count": "7",
+    "min_workers": 1,
+    "max_workers": 4,
+    "target_backlog_per_worker": 3,
+    "steps_per_worker": 4,
+    "worker_cpu": 2048,
+    "worker_memory": 8192,
+    "spot_share": 100,
+    "stop_timeout": "60",
+    "visibility_timeout": 600,
+    "message_retention": 86400,
+    "scale_in_stabilization_seconds": 120,
+    "alert_email": "oncall@example.com",
+    "dagster_ui_url": "https://dagster.example.com",
+    "deletion_protection": "false",
+    "iam_database_auth": False,
+    "oldest_message_alarm_seconds": 600,
+    "code_locations": "pipelines.defs,more.defs",
+}
+
+
+@dataclass(frozen=True)
+class Build:
+    app: App
+    stack: DagsterTaskiqStack
+    template: Template
+    json: dict[str, Any]
+
+    def logical_id(self, construct: IConstruct) -> str:
+        """The logical id of a resource, or of an L2 construct's CloudFormation resource."""
+        element = construct if isinstance(construct, CfnElement) else construct.node.default_child
+        assert isinstance(element, CfnElement), f"{construct.node.path} has no CFN resource"
+        return Stack.of(element).get_logical_id(element)
+
+    def resolve(self, value: Any) -> Any:
+        return self.stack.resolve(value)
+
+    def resources(self, resource_type: str) -> dict[str, dict[str, Any]]:
+        return {
+            logical_id: resource
+            for logical_id, resource in self.json["Resources"].items()
+            if resource["Type"] == resource_type
+        }
+
+    def resource(self, construct: IConstruct) -> dict[str, Any]:
+        resource: dict[str, Any] = self.json["Resources"][self.logical_id(construct)]
+        return resource
+
+
+def cdk_json_context() -> dict[str, Any]:
+    """The context the CDK CLI gives the app: cdk.json's (feature flags)."""
+    context: dict[str, Any] = json.loads((REPO_ROOT / "cdk.json").read_text())["context"]
+    return context
+
+
+def build(overrides: Mapping[str, Any], outdir: Path) -> Build:
+    app = App(context=cdk_json_context() | dict(overrides), outdir=str(outdir))
+    stack = build_stack(app)
+    # Synthesizes the app: the policy validation (cdk-nag) runs and fails on any violation.
+    template = Template.from_stack(stack)
+    return Build(app=app, stack=stack, template=template, json=dict(template.to_json()))
+
+
+@pytest.fixture(scope="package")
+def default_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Build]:
+    yield build({}, tmp_path_factory.mktemp("cdk-default"))
+
+
+@pytest.fixture(scope="package")
+def custom_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Build]:
+    yield build(CUSTOM_CONTEXT, tmp_path_factory.mktemp("cdk-custom"))

@@ -1,0 +1,171 @@
+"""The Lambda bundles: dagster-free, importable on their own, and the same on every build."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aws_cdk import FileSystem
+
+from cdk.dagster_taskiq_cdk import lambda_bundle
+from cdk.dagster_taskiq_cdk.lambda_bundle import (
+    BundleError,
+    BundleFile,
+    build_bundle,
+    check_imports,
+    plan_bundle,
+    tree_digest,
+)
+
+from .conftest import Build
+
+BUNDLES = ("scaler", "dlq_processor")
+# What the handlers and the package import directly; the bundle adds what these require.
+REQUIRED_DISTRIBUTIONS = {
+    "aws-lambda-powertools",
+    "aws-xray-sdk",
+    "wrapt",
+    "sqlalchemy",
+    "pg8000",
+    "scramp",
+    "asn1crypto",
+    "python-dateutil",
+    "six",
+    "typing-extensions",
+}
+# The Lambda Python runtime's own packages, which the bundle relies on and leaves out.
+RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "urllib3")
+
+IMPORT_CHECK = """
+import sys
+sys.path[:0] = sys.argv[1:3]
+import handler
+loaded = sorted(m for m in sys.modules if m == "dagster" or m.startswith("dagster."))
+assert not loaded, loaded
+assert callable(handler.lambda_handler)
+outside = sorted(
+    name for name, module in list(sys.modules.items())
+    if "site-packages" in (getattr(module, "__file__", None) or "")
+)
+assert not outside, outside
+"""
+
+
+def _import_alone(bundle: Path, runtime_packages: Path) -> None:
+    """Import the handler from the bundle and the runtime's packages only."""
+    # -S: no site-packages, so nothing can come from this virtualenv (where dagster is).
+    completed = subprocess.run(
+        [sys.executable, "-S", "-c", IMPORT_CHECK, str(bundle), str(runtime_packages)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "POWERTOOLS_TRACE_DISABLED": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr
+
+
+@pytest.fixture(scope="module")
+def runtime_packages(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stand-in for the runtime's site-packages: links to this venv's boto3 and its needs."""
+    directory = tmp_path_factory.mktemp("lambda-runtime")
+    for name in RUNTIME_PACKAGES:
+        module = __import__(name)
+        source = Path(module.__file__ or "").parent
+        (directory / name).symlink_to(source, target_is_directory=True)
+    return directory
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_bundle_contents(name: str) -> None:
+    files = plan_bundle(name)
+    destinations = [f.destination for f in files]
+    assert "handler.py" in destinations
+    assert destinations == sorted(destinations)
+    assert not [d for d in destinations if "__pycache__" in d or d.endswith(".pyc")]
+    package = {d for d in destinations if d.startswith("dagster_taskiq/")}
+    assert package == {f"dagster_taskiq/{m}.py" for m in lambda_bundle.BUNDLED_MODULES}
+    for excluded in ("executor", "step_handler", "attempts", "cli", "scale_trigger"):
+        assert f"dagster_taskiq/{excluded}.py" not in package
+    assert not [d for d in destinations if d.startswith(("dagster_taskiq/worker/", "dagster/"))]
+    top_level = lambda_bundle.top_level_modules(files)
+    assert {"boto3", "botocore", "dagster"}.isdisjoint(top_level)
+    assert {"aws_lambda_powertools", "sqlalchemy", "pg8000", "scramp", "wrapt"} <= top_level
+
+
+def test_bundled_distributions_cover_what_the_code_needs() -> None:
+    bundled = {d.lower() for d in lambda_bundle.BUNDLED_DISTRIBUTIONS}
+    assert bundled >= REQUIRED_DISTRIBUTIONS
+    lambda_bundle.check_requirements()  # every requirement: bundled or in the runtime
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_bundle_imports_with_only_the_stdlib_and_the_runtime(
+    name: str, runtime_packages: Path
+) -> None:
+    bundle = build_bundle(name)
+    _import_alone(bundle, runtime_packages)
+
+
+def test_pure_python_bundle_imports_too(tmp_path: Path, runtime_packages: Path) -> None:
+    """Built where the extensions would not match the runtime, they are left out: still works."""
+    bundle = build_bundle("scaler", build_dir=tmp_path, include_extensions=False)
+    assert not list(bundle.rglob("*.so"))
+    _import_alone(bundle, runtime_packages)
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_bundle_is_deterministic(name: str, tmp_path: Path) -> None:
+    first = build_bundle(name, build_dir=tmp_path / "one")
+    second = build_bundle(name, build_dir=tmp_path / "two")
+    assert first.name == second.name  # content-addressed
+    assert tree_digest(first) == tree_digest(second)
+    assert FileSystem.fingerprint(str(first)) == FileSystem.fingerprint(str(second))
+    assert build_bundle(name, build_dir=tmp_path / "one") == first  # reused, not rebuilt
+    assert not list(first.rglob("__pycache__"))
+    modes = {p.stat().st_mode & 0o777 for p in first.rglob("*") if p.is_file()}
+    assert modes == {0o644}  # readable by Lambda's user whatever the umask
+
+
+def test_template_uses_the_bundle(default_build: Build) -> None:
+    for name, function in (
+        ("scaler", default_build.stack.scaler.function),
+        ("dlq_processor", default_build.stack.dead_letters.function),
+    ):
+        code = default_build.resource(function)["Properties"]["Code"]
+        assert code["S3Key"] == FileSystem.fingerprint(str(build_bundle(name))) + ".zip"
+
+
+def _module(tmp_path: Path, destination: str, source: str) -> BundleFile:
+    path = tmp_path / destination.replace("/", "_")
+    path.write_text(source)
+    return BundleFile(destination, path)
+
+
+def test_import_check_refuses_dagster(tmp_path: Path) -> None:
+    files = [*plan_bundle("scaler"), _module(tmp_path, "dagster_taskiq/bad.py", "import dagster\n")]
+    with pytest.raises(BundleError, match="needs dagster"):
+        check_imports(files)
+
+
+def test_import_check_refuses_unbundled_package_modules(tmp_path: Path) -> None:
+    handler = "from dagster_taskiq.executor import taskiq_executor\n"
+    files = [f for f in plan_bundle("scaler") if f.destination != "handler.py"]
+    with pytest.raises(BundleError, match=r"dagster_taskiq\.executor, which is not bundled"):
+        check_imports([*files, _module(tmp_path, "handler.py", handler)])
+    lazy = "from dagster_taskiq import taskiq_executor\n"  # the package's lazy __getattr__
+    with pytest.raises(BundleError, match=r"dagster_taskiq\.taskiq_executor, which is not"):
+        check_imports([*files, _module(tmp_path, "handler.py", lazy)])
+
+
+def test_import_check_ignores_type_checking_imports(tmp_path: Path) -> None:
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    import dagster\n"
+        "from dagster_taskiq.ledger import Ledger\n"
+    )
+    files = [f for f in plan_bundle("scaler") if f.destination != "handler.py"]
+    check_imports([*files, _module(tmp_path, "handler.py", source)])
