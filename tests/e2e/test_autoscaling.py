@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
+
 import pytest
 from dagster import DagsterInstance, execute_job, reconstructable
 
-from dagster_taskiq.local.stack import LocalStack
+from dagster_taskiq.local.stack import LocalStack, create_database, local_stack
 from dagster_taskiq.scaling import Reason, ScalingConfig
 from tests import jobs
 from tests.helpers import wait_for
@@ -39,3 +42,16 @@ def test_an_idle_stack_scales_from_zero_on_the_executors_trigger_and_back(
     reasons = [e.decision.reason for _, e, _ in autoscaler.evaluations]
     assert Reason.SCALE_IN in reasons
     wait_for(lambda: pool.size == 0, timeout=60, what="the workers to drain and exit")
+
+
+def test_the_local_scaler_works_on_a_database_no_run_has_used_yet(
+    postgres_url: str, sqs_endpoint: str, tmp_path: Path
+) -> None:
+    fresh = create_database(postgres_url, f"fresh_{uuid.uuid4().hex[:8]}")
+    with local_stack(tmp_path, database_url=fresh, sqs_endpoint=sqs_endpoint) as stack:
+        pool = stack.worker_pool()
+        autoscaler = stack.autoscale(pool, ScalingConfig(max_workers=1), tick_seconds=0.2)
+        wait_for(lambda: autoscaler.evaluations, timeout=20, what="a first evaluation")
+        _, evaluation, _ = autoscaler.evaluations[0]
+        assert evaluation.decision.reason is Reason.HOLD
+        assert pool.target == 0

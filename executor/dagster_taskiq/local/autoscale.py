@@ -7,6 +7,7 @@ the scaler through Lambda's Invoke API (served locally by ``LambdaEndpoint``).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from dagster_taskiq.scaler import Evaluation, Scaler
 from dagster_taskiq.scaling import ScalingConfig
 
 LOCAL_SCALER_FUNCTION = "dagster-taskiq-local-scaler"
+
+log = logging.getLogger("dagster_taskiq.local.autoscale")
 
 
 class LocalWorkerService:
@@ -52,6 +55,8 @@ class LocalAutoscaler:
             service=LocalWorkerService(pool, f"local/{stack.queue_url.rsplit('/', 1)[-1]}"),
             config=config,
         )
+        # The scaler may tick before any run has created the ledger's tables.
+        self.ledger.ensure_schema()
         self.scaler.history.ensure_schema()
         self.tick_seconds = tick_seconds
         self.on_evaluation = on_evaluation
@@ -78,7 +83,12 @@ class LocalAutoscaler:
             if self._stop.is_set():
                 return
             cause, self._cause = (self._cause if woken else "tick"), "tick"
-            evaluation = self.scaler.evaluate()
+            try:
+                evaluation = self.scaler.evaluate()
+            except Exception:
+                # Like a failed Lambda invocation: reported, and the next tick tries again.
+                log.exception("Scaler evaluation failed")
+                continue
             if evaluation is None:
                 continue
             self.evaluations.append((time.time(), evaluation, cause))

@@ -65,10 +65,11 @@ class LocalDeadLetters:
                 letter = DeadLetter(received.message_id, received.body, received.receive_count)
                 try:
                     result = self.processor.process(letter)
+                    self._dlq.delete(received.receipt_handle)
                 except Exception:
+                    # Like a failed record in the Lambda's batch: SQS delivers it again.
                     log.exception("Dead letter not processed; it will be read again")
                     continue
-                self._dlq.delete(received.receipt_handle)
                 self.results.append(result)
                 if self.on_result is not None:
                     self.on_result(result)
