@@ -42,9 +42,13 @@ class Backoff:
     def __init__(self, first: float = 1.0, cap: float = 30.0) -> None:
         self.first, self.cap, self.next = first, cap, first
 
-    def wait(self, stop: threading.Event) -> float:
+    def wait(self, stop: threading.Event | None = None) -> float:
+        """Sleep the next delay; a set ``stop`` ends the sleep early."""
         delay, self.next = self.next, min(self.cap, self.next * 2)
-        stop.wait(delay)
+        if stop is None:
+            time.sleep(delay)
+        else:
+            stop.wait(delay)
         return delay
 
     def reset(self) -> None:
@@ -456,8 +460,8 @@ class Worker:
                     )
                     return False
                 self.log.warning("Ledger unreachable; retrying", extra={"error": str(e)})
-                time.sleep(backoff.next)
-                backoff.next = min(backoff.cap, backoff.next * 2)
+                # Not cut short by shutdown: a drain still wants its completions recorded.
+                backoff.wait()
 
     def _delete(self, received: ReceivedMessage) -> None:
         for attempt in range(3):
