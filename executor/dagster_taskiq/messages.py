@@ -95,14 +95,10 @@ def _sign(fields: dict[str, Any], key: str) -> str:
 def encode(message: StepMessage, *, signing_key: str | None, max_bytes: int) -> str:
     """The message body to send. Raises MessageTooLarge rather than truncating."""
     # Refuse here what decode() refuses, so that what is sent can be received.
-    for name in ("run_id", "step_key", "step_args"):
-        value: str = getattr(message, name)
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise ValueError(f"{name} is not valid Unicode") from None
-        if name != "step_args" and "\x00" in value:
-            raise ValueError(f"{name} must not contain a NUL character")
+    for name, stored in (("run_id", True), ("step_key", True), ("step_args", False)):
+        problem = _text_problem(getattr(message, name), stored=stored)
+        if problem:
+            raise ValueError(f"{name} {problem}")
     raw = message.step_args.encode()
     if len(raw) > COMPRESS_ABOVE_BYTES:
         args_field = {
@@ -142,18 +138,27 @@ def _require(fields: dict[str, Any], name: str, kind: type) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
         raise MessageRejected("malformed", f"field {name!r} is missing or not a {kind.__name__}")
     if isinstance(value, str):
-        _encodable(value, name)
-        if "\x00" in value:  # these fields go into PostgreSQL text, which cannot hold NUL
-            raise MessageRejected("malformed", f"field {name!r} contains a NUL character")
+        _require_text(value, name, stored=True)
     return value
 
 
-def _encodable(value: str, name: str) -> None:
-    # JSON may carry lone surrogates ("\ud800"), which no database or hash accepts.
+def _text_problem(value: str, *, stored: bool) -> str | None:
+    """Why ``value`` cannot travel, or None. JSON may carry lone surrogates ("\\ud800"),
+    which neither hashing nor PostgreSQL take; a value the ledger stores may not hold NUL,
+    which PostgreSQL text cannot."""
     try:
         value.encode()
     except UnicodeEncodeError:
-        raise MessageRejected("malformed", f"field {name!r} is not valid Unicode") from None
+        return "is not valid Unicode"
+    if stored and "\x00" in value:
+        return "contains a NUL character"
+    return None
+
+
+def _require_text(value: str, name: str, *, stored: bool) -> None:
+    problem = _text_problem(value, stored=stored)
+    if problem:
+        raise MessageRejected("malformed", f"field {name!r} {problem}")
 
 
 def decode(body: str, *, signing_key: str | None, max_bytes: int) -> StepMessage:
@@ -211,7 +216,7 @@ def _decode_step_args(args_field: dict[str, Any]) -> str:
     if not isinstance(data, str):
         raise MessageRejected("malformed", "step_args.data is missing or not a string")
     if encoding == ENCODING_JSON:
-        _encodable(data, "step_args.data")
+        _require_text(data, "step_args.data", stored=False)
         return data
     if encoding == ENCODING_ZLIB:
         try:
