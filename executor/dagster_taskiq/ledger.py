@@ -222,10 +222,15 @@ class Ledger:
     # -- schema --------------------------------------------------------------------------
 
     def ensure_schema(self) -> None:
-        """Create the tables if missing. Safe to run repeatedly and concurrently."""
+        """Create the ledger's tables if missing. Safe to run repeatedly and concurrently."""
+        self.ensure_tables(metadata)
+
+    def ensure_tables(self, tables: sa.MetaData) -> None:
+        """Create ``tables`` in this database if missing. One advisory lock serialises every
+        creation, so workers, runs and Lambdas may all start at once."""
         with self.transaction() as conn:
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)))
-            metadata.create_all(conn, checkfirst=True)
+            tables.create_all(conn, checkfirst=True)
 
     def ping(self) -> None:
         with self.transaction() as conn:

@@ -113,13 +113,10 @@ class HistoryStore:
     """Recent recommendations per service, in the ledger's database."""
 
     def __init__(self, ledger: Ledger) -> None:
-        self._engine = ledger.engine
         self._ledger = ledger
 
     def ensure_schema(self) -> None:
-        with self._ledger.transaction() as conn:
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(0x5CA1E)))
-            history_metadata.create_all(conn, checkfirst=True)
+        self._ledger.ensure_tables(history_metadata)
 
     def load(self, service: str, window_seconds: float) -> tuple[float, list[Recommendation]]:
         """The database's now (epoch seconds) and the recommendations inside the window."""
@@ -189,6 +186,12 @@ class Scaler:
         self.service = service
         self.config = config
         self.history = history or HistoryStore(ledger)
+
+    def ensure_schema(self) -> None:
+        """The tables the scaler reads and writes: the ledger's (the scaler may run before
+        any executor has created them) and its own history."""
+        self.ledger.ensure_schema()
+        self.history.ensure_schema()
 
     def read_signals(self) -> QueueSignals:
         """Each signal separately: one that cannot be read is None, and the policy holds."""
@@ -317,13 +320,11 @@ def build_scaler(settings: ScalerSettings, *, ecs_client: ECSClient | None = Non
 
     url = database_url(settings.database_url, os.environ) or settings.database_url
     ledger = Ledger(url, pool_size=1)
-    # The scaler may run before any executor has created the tables.
-    ledger.ensure_schema()
     service = EcsWorkerService(
         ecs_client or boto3.client("ecs"), cluster=settings.cluster, service=settings.service
     )
     scaler = Scaler(
         queue=SqsQueue(settings.queue_url), ledger=ledger, service=service, config=settings.config
     )
-    scaler.history.ensure_schema()
+    scaler.ensure_schema()
     return scaler

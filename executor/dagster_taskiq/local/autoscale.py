@@ -55,9 +55,7 @@ class LocalAutoscaler:
             service=LocalWorkerService(pool, f"local/{stack.queue_url.rsplit('/', 1)[-1]}"),
             config=config,
         )
-        # The scaler may tick before any run has created the ledger's tables.
-        self.ledger.ensure_schema()
-        self.scaler.history.ensure_schema()
+        self.scaler.ensure_schema()
         self.tick_seconds = tick_seconds
         self.on_evaluation = on_evaluation
         self.evaluations: list[tuple[float, Evaluation, str]] = []  # (time.time(), ..., cause)
