@@ -40,9 +40,12 @@ def _first(instance: DagsterInstance, run_id: str, event_type: DagsterEventType)
 
 
 def summarize(
-    stack: LocalStack, autoscaler: LocalAutoscaler, run_id: str, wall_seconds: float
+    instance: DagsterInstance,
+    stack: LocalStack,
+    autoscaler: LocalAutoscaler,
+    run_id: str,
+    wall_seconds: float,
 ) -> dict[str, Any]:
-    instance = DagsterInstance.get()
     run = instance.get_run_by_id(run_id)
     stats = instance.get_run_step_stats(run_id)
     ledger = Ledger(stack.database_url)
@@ -108,16 +111,16 @@ def run_demo(*, max_workers: int = 2, concurrency: int = 1) -> int:
         started = time.monotonic()
         result = execute_job(reconstructable(demo_job.demo_job), instance=instance)
         wall = time.monotonic() - started
-        summary = summarize(stack, autoscaler, result.run_id, wall)
-        if summary["status"] != DagsterRunStatus.SUCCESS.value:
+        if not result.success:
             say("the run did not succeed; worker logs follow")
             print(pool.logs()[-20000:], file=sys.stderr)
         say("waiting for the scaler to scale in to zero")
         deadline = time.monotonic() + 60
         while pool.target > 0 and time.monotonic() < deadline:
             time.sleep(0.5)
+        # After the scale-in, so that the scaling figures include it.
+        summary = summarize(instance, stack, autoscaler, result.run_id, wall)
         summary["scaled_in_to_zero"] = pool.target == 0
-        summary["scaling_changes"] = sum(1 for _, e, _ in autoscaler.evaluations if e.applied)
         say("stopping workers, SQS emulator and PostgreSQL")
         instance.dispose()
     print(json.dumps(summary), flush=True)
