@@ -11,7 +11,6 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from dagster_taskiq.settings import (
     ENV_SIGNING_KEY,
 )
 from lambdas.dlq_processor import handler
+from tests.helpers import LambdaContext
 from tests.integration.test_dead_letters import (
     MAX_BYTES,
     SIGNING_KEY,
@@ -41,16 +41,6 @@ from tests.integration.test_dead_letters import (
 
 UI_URL = "https://dagster.example.com"
 DLQ_ARN = f"arn:aws:sqs:{REGION}:123456789012:dagster-taskiq-steps-dlq"
-
-
-@dataclass(frozen=True)
-class StubLambdaContext:
-    function_name: str = "dagster-taskiq-dlq-processor"
-    memory_limit_in_mb: int = 256
-    invoked_function_arn: str = (
-        f"arn:aws:lambda:{REGION}:123456789012:function:dagster-taskiq-dlq-processor"
-    )
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
 def sqs_record(body: str, *, receive_count: int = 6) -> dict[str, Any]:
@@ -76,7 +66,7 @@ def sqs_record(body: str, *, receive_count: int = 6) -> dict[str, Any]:
 
 def invoke(*records: dict[str, Any]) -> dict[str, Any]:
     response: dict[str, Any] = handler.lambda_handler(
-        {"Records": list(records)}, StubLambdaContext()
+        {"Records": list(records)}, LambdaContext("dagster-taskiq-dlq-processor")
     )
     return response
 

@@ -18,22 +18,9 @@ from dagster_taskiq.ledger import Ledger
 from dagster_taskiq.queue import SqsQueue, create_queue_with_dlq, sqs_client
 from dagster_taskiq.scaler import HistoryStore
 from lambdas.scaler import handler
+from tests.helpers import LambdaContext
 
 REGION = "us-east-1"
-
-
-@dataclass
-class LambdaContext:
-    """The attributes powertools reads from a real Lambda context."""
-
-    function_name: str = "dagster-taskiq-scaler"
-    memory_limit_in_mb: int = 256
-    invoked_function_arn: str = f"arn:aws:lambda:{REGION}:123456789012:function:scaler"
-    aws_request_id: str = "11111111-2222-3333-4444-555555555555"
-    deadline_seconds: float = 60.0
-
-    def get_remaining_time_in_millis(self) -> int:
-        return int(self.deadline_seconds * 1000)
 
 
 @dataclass
@@ -57,7 +44,7 @@ class ScalerWorld:
 
     def invoke(self, event: dict[str, Any] | None = None) -> dict[str, Any]:
         result: dict[str, Any] = handler.lambda_handler(
-            event or {"source": "aws.events"}, LambdaContext()
+            event or {"source": "aws.events"}, LambdaContext("dagster-taskiq-scaler")
         )
         return result
 
