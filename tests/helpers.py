@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -16,9 +15,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dagster import DagsterEvent, DagsterEventType, DagsterInstance
-
-from dagster_taskiq.local.stack import LocalStack
-from dagster_taskiq.queue import SqsQueue, create_queue_with_dlq, sqs_client
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -77,45 +73,6 @@ class RunProcess:
     def wait(self, timeout: float = 120.0) -> tuple[int, str]:
         _, err = self.process.communicate(timeout=timeout)
         return self.process.returncode, err
-
-
-class Tee:
-    """Moves every message from the executor's queue to the workers' queue, ``copies``
-    times each, keeping the bodies: a spy on the wire, and a source of duplicates."""
-
-    def __init__(self, stack: LocalStack, *, copies: int = 1) -> None:
-        client = sqs_client(endpoint_url=stack.sqs_endpoint)
-        self.workers_queue_url, _ = create_queue_with_dlq(
-            client,
-            f"{stack.queue_url.rsplit('/', 1)[1]}-tee",
-            visibility_timeout=30,
-            message_retention=3600,
-            max_receive_count=5,
-        )
-        self._source = SqsQueue(stack.queue_url, client=client)
-        self._target = SqsQueue(self.workers_queue_url, client=client)
-        self._copies = copies
-        self._stop = threading.Event()
-        self.bodies: list[str] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for message in self._source.receive(
-                max_messages=10, wait_seconds=1, visibility_timeout=30
-            ):
-                for _ in range(self._copies):
-                    self._target.send(message.body)
-                self.bodies.append(message.body)
-                self._source.delete(message.receipt_handle)
-
-    def __enter__(self) -> Tee:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 @dataclass

@@ -1,15 +1,14 @@
 """Jobs the end-to-end tests run on real workers.
 
-Every op body records each execution in a PostgreSQL table, with the fencing token and
-the worker, so tests can count executions: the ground truth for "ran once".
+Every op body records each execution (``dagster_taskiq.load.executions``, the table the
+load simulator's jobs use), with the fencing token and the worker, so tests can count
+executions: the ground truth for "ran once".
 """
 
 import os
 import time
-from functools import cache
 from typing import Any
 
-import sqlalchemy as sa
 from dagster import (
     Config,
     Definitions,
@@ -19,56 +18,16 @@ from dagster import (
     op,
 )
 
-from dagster_taskiq import current_attempt, taskiq_executor
-from dagster_taskiq.settings import ENV_DATABASE_URL, ledger_url
-
-metadata = sa.MetaData()
-executions = sa.Table(
-    "test_op_executions",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("run_id", sa.Text, nullable=False),
-    sa.Column("step_key", sa.Text, nullable=False),
-    sa.Column("retry_number", sa.Integer, nullable=False),
-    sa.Column("phase", sa.Text, nullable=False),  # "start" or "end"
-    sa.Column("fencing_token", sa.Integer),
-    sa.Column("worker_pid", sa.Integer, nullable=False),  # the worker supervisor
-    sa.Column("process_pid", sa.Integer, nullable=False),  # the step process
-    sa.Column("at", sa.DateTime(timezone=True), server_default=sa.func.now()),
-)
-
-
-@cache
-def _engine() -> sa.Engine:
-    engine = sa.create_engine(ledger_url(os.environ[ENV_DATABASE_URL]), pool_size=1)
-    with engine.begin() as conn:
-        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(4242)))
-        metadata.create_all(conn)
-    return engine
+from dagster_taskiq import taskiq_executor
+from dagster_taskiq.load import executions
 
 
 def record(context: OpExecutionContext, phase: str) -> None:
-    attempt = current_attempt()
-    with _engine().begin() as conn:
-        conn.execute(
-            executions.insert().values(
-                run_id=context.run_id,
-                step_key=context.op_handle.name,
-                retry_number=context.retry_number,
-                phase=phase,
-                fencing_token=attempt.fencing_token if attempt else None,
-                worker_pid=os.getppid(),
-                process_pid=os.getpid(),
-            )
-        )
+    executions.record(context.run_id, context.op_handle.name, context.retry_number, phase)
 
 
 def execution_rows(run_id: str) -> list[dict[str, Any]]:
-    with _engine().begin() as conn:
-        rows = conn.execute(
-            sa.select(executions).where(executions.c.run_id == run_id).order_by(executions.c.id)
-        )
-        return [dict(r) for r in rows.mappings()]
+    return executions.execution_rows(run_id)
 
 
 # -- passing outputs between steps on different workers ----------------------------------

@@ -213,5 +213,15 @@ def ledger_cleanup(database_url: str) -> None:
     click.echo(f"deleted {deleted} expired records in {time.monotonic() - started:.2f} s")
 
 
+def _add_load_commands() -> None:
+    from dagster_taskiq.load.commands import load, verify
+
+    cli.add_command(load)
+    cli.add_command(verify)
+
+
+_add_load_commands()
+
+
 def main() -> None:
     cli()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dagster import (
     DagsterError,
+    DagsterEvent,
     Field,
     IntSource,
     Noneable,
@@ -27,6 +30,8 @@ from dagster._core.executor.base import Executor
 from dagster._core.executor.init import InitExecutorContext
 from dagster._core.executor.step_delegating import StepDelegatingExecutor
 from dagster._core.instance import DagsterInstance
+from dagster_postgres.utils import DagsterPostgresException
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from dagster_taskiq.ledger import Ledger, LedgerUnavailable
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue, sqs_client
@@ -51,7 +56,7 @@ from dagster_taskiq.settings import (
     database_url,
     env_or,
 )
-from dagster_taskiq.step_handler import LaunchSettings, SqsStepHandler
+from dagster_taskiq.step_handler import LaunchSettings, SqsStepHandler, retry_while_unreachable
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs.client import SQSClient
@@ -129,6 +134,13 @@ TASKIQ_EXECUTOR_CONFIG = {
         default_value=None,
         description="Fail a step that no worker picked up within this many seconds.",
     ),
+    "unreachable_retry_seconds": Field(
+        IntSource,
+        default_value=60,
+        description="How long the run start and each step launch keep retrying while SQS "
+        "or the ledger is unreachable (a database restart, a network blip) before they "
+        "fail. Re-sending a step is safe: a duplicate is suppressed.",
+    ),
     "scaler_function": Field(
         StringSource,
         is_required=False,
@@ -160,6 +172,35 @@ TASKIQ_EXECUTOR_CONFIG = {
     "tag_concurrency_limits": get_tag_concurrency_limits_config(),  # type: ignore[no-untyped-call]
     "step_dependency_config": get_step_dependency_config_field(),  # type: ignore[no-untyped-call]
 }
+
+
+class TaskiqExecutor(StepDelegatingExecutor):
+    """Dagster's step-delegating executor, riding out a database restart.
+
+    The run worker reads the event log every ``poll_interval``; Dagster's loop fails the
+    run on the first read that meets a dropped connection (a restart, a failover).
+    Here a failed read is retried for ``unreachable_retry_seconds``: the cursor only moves
+    on success, so no event is skipped.
+    """
+
+    def __init__(self, *args: Any, unreachable_retry_seconds: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unreachable_retry_seconds = unreachable_retry_seconds
+
+    def _pop_events(
+        self, instance: DagsterInstance, run_id: str, seen_storage_ids: set[int]
+    ) -> Sequence[DagsterEvent]:
+        deadline = time.monotonic() + self._unreachable_retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return super()._pop_events(instance, run_id, seen_storage_ids)
+            except (OperationalError, InterfaceError, DagsterPostgresException) as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("Event log unreadable; retrying in %.1f s: %s", delay, e)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
 
 class TaskiqExecutorConfigError(DagsterError):
@@ -208,6 +249,7 @@ class ExecutorSettings:
                 max_message_bytes=config["max_message_bytes"],
                 signing_key=env_or(config.get("signing_key"), ENV_SIGNING_KEY),
                 pickup_timeout=config.get("pickup_timeout"),
+                retry_seconds=config["unreachable_retry_seconds"],
             ),
             message_retention=config["message_retention"],
             max_receive_count=config["max_receive_count"],
@@ -235,10 +277,12 @@ def _shared_sqs_client(region: str, endpoint_url: str | None) -> SQSClient:
 
 
 def connect(settings: ExecutorSettings) -> tuple[SqsQueue, Ledger]:
-    """Reach the ledger and the queue now, so a wrong setting fails the run at start."""
+    """Reach the ledger and the queue now, so a wrong setting fails the run at start;
+    an outage shorter than ``unreachable_retry_seconds`` is ridden out."""
+    deadline = time.monotonic() + settings.launch.retry_seconds
     ledger = _shared_ledger(settings.database_url)
     try:
-        ledger.ensure_schema()
+        retry_while_unreachable(ledger.ensure_schema, deadline)
     except LedgerUnavailable as e:
         raise ConfigurationError(
             f"taskiq_executor cannot reach its ledger. {e}. Check `database_url` "
@@ -248,7 +292,7 @@ def connect(settings: ExecutorSettings) -> tuple[SqsQueue, Ledger]:
         settings.queue_url, client=_shared_sqs_client(settings.region, settings.endpoint_url)
     )
     try:
-        attributes = queue.attributes()
+        attributes = retry_while_unreachable(queue.attributes, deadline)
     except QueueUnavailable as e:
         raise ConfigurationError(
             f"taskiq_executor cannot reach its queue: {e}. Check `queue_url`, `aws_region` "
@@ -325,14 +369,14 @@ def taskiq_executor(init_context: InitExecutorContext) -> Executor:
         queue, ledger = connect(settings)
     except ConfigurationError as e:
         raise TaskiqExecutorConfigError(str(e)) from e
-    return StepDelegatingExecutor(
+    return TaskiqExecutor(
         SqsStepHandler(
             queue=queue,
             ledger=ledger,
             settings=settings.launch,
             trigger=scale_out_trigger(settings),
         ),
-        retries=RetryMode.from_config(config["retries"]),  # type: ignore[arg-type]
+        retries=RetryMode.from_config(config["retries"]),
         sleep_seconds=float(config["poll_interval"]),
         check_step_health_interval_seconds=int(config["health_check_interval"]),
         max_concurrent=config.get("max_concurrent"),
@@ -343,4 +387,5 @@ def taskiq_executor(init_context: InitExecutorContext) -> Executor:
         step_dependency_config=StepDependencyConfig.from_config(
             config.get("step_dependency_config")
         ),
+        unreachable_retry_seconds=settings.launch.retry_seconds,
     )

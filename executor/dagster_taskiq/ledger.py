@@ -268,6 +268,21 @@ class Ledger:
         with self.transaction() as conn:
             return int(conn.execute(stmt).scalar_one())
 
+    def finished_since(self, since: datetime) -> int:
+        """Step attempts that reached a final status at or after ``since``."""
+        stmt = sa.select(sa.func.count()).where(
+            steps.c.status.in_(list(TERMINAL)), steps.c.finished_at >= since
+        )
+        with self.transaction() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def for_runs(self, run_ids: list[str]) -> list[StepRecord]:
+        if not run_ids:
+            return []
+        stmt = self._select().where(steps.c.run_id.in_(run_ids)).order_by(steps.c.enqueued_at)
+        with self.transaction() as conn:
+            return [StepRecord.from_row(r) for r in conn.execute(stmt).mappings()]
+
     # -- protocol ------------------------------------------------------------------------
 
     def enqueue(

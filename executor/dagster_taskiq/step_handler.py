@@ -6,8 +6,11 @@ Health is read from the ledger and the event log, never from memory, so a resume
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from dagster import DagsterEvent, MetadataValue
 from dagster._core.events import EngineEventData
@@ -20,10 +23,13 @@ from dagster._serdes import serialize_value
 from dagster_shared.record import copy
 
 from dagster_taskiq.attempts import attempt_outcome
-from dagster_taskiq.ledger import Ledger, Status
+from dagster_taskiq.ledger import Ledger, LedgerUnavailable, Status
 from dagster_taskiq.messages import StepMessage, encode, idempotency_key
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue
 from dagster_taskiq.scale_trigger import ScaleOutTrigger
+
+T = TypeVar("T")
+log = logging.getLogger("dagster_taskiq")
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,25 @@ class LaunchSettings:
     max_message_bytes: int
     signing_key: str | None
     pickup_timeout: int | None
+    retry_seconds: float = 60.0  # a launch rides out an outage of SQS or the ledger this long
+
+
+def retry_while_unreachable(action: Callable[[], T], deadline: float) -> T:
+    """Retry an SQS or ledger call through an outage, until ``deadline`` (monotonic).
+
+    The executor's calls are idempotent: the ledger row is inserted once per key, and a
+    second message for the same key is suppressed by the worker as a duplicate.
+    """
+    delay = 0.5
+    while True:
+        try:
+            return action()
+        except (QueueUnavailable, LedgerUnavailable) as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("SQS or the ledger unreachable; retrying in %.1f s: %s", delay, e)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def step_key_and_attempt(context: StepHandlerContext) -> tuple[str, int]:
@@ -88,17 +113,23 @@ class SqsStepHandler(StepHandler):
             signing_key=self._settings.signing_key,
             max_bytes=self._settings.max_message_bytes,
         )
-        inserted = self._ledger.enqueue(
-            key,
-            run_id=run_id,
-            step_key=step_key,
-            attempt=attempt,
-            payload_hash=message.payload_hash,
-            ttl_seconds=self._settings.idempotency_key_ttl,
-            queue_url=self._queue.url,
+        deadline = time.monotonic() + self._settings.retry_seconds
+        inserted = retry_while_unreachable(
+            lambda: self._ledger.enqueue(
+                key,
+                run_id=run_id,
+                step_key=step_key,
+                attempt=attempt,
+                payload_hash=message.payload_hash,
+                ttl_seconds=self._settings.idempotency_key_ttl,
+                queue_url=self._queue.url,
+            ),
+            deadline,
         )
         try:
-            message_id = self._queue.send(body, group_id=run_id, dedup_id=key)
+            message_id = retry_while_unreachable(
+                lambda: self._queue.send(body, group_id=run_id, dedup_id=key), deadline
+            )
         except QueueUnavailable as e:
             if inserted:
                 self._ledger.abandon(key, f"The step message could not be sent: {e}")

@@ -120,11 +120,17 @@ def test_an_oversized_step_fails_at_launch_with_a_clear_error(
     ("execution_config", "expected"),
     [
         (
-            {"database_url": "postgresql://postgres:hunter2@127.0.0.1:1/nowhere"},
+            {
+                "database_url": "postgresql://postgres:hunter2@127.0.0.1:1/nowhere",
+                "unreachable_retry_seconds": 2,
+            },
             "The ledger database postgresql+pg8000://postgres:***@127.0.0.1:1/nowhere "
             "is unreachable",
         ),
-        ({"endpoint_url": "http://127.0.0.1:1"}, "cannot reach its queue"),
+        (
+            {"endpoint_url": "http://127.0.0.1:1", "unreachable_retry_seconds": 2},
+            "cannot reach its queue",
+        ),
     ],
 )
 def test_a_config_mistake_fails_the_run_at_start_saying_what_to_fix(

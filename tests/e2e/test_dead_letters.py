@@ -8,11 +8,12 @@ from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructa
 
 from dagster_taskiq.dead_letters import Outcome
 from dagster_taskiq.ledger import Ledger, Status
+from dagster_taskiq.load.faults import DuplicatingRelay
 from dagster_taskiq.local.stack import LocalStack
 from dagster_taskiq.queue import SqsQueue
 from tests import jobs
 from tests.conftest import StackFactory, start_workers
-from tests.helpers import Tee, step_events, wait_for
+from tests.helpers import step_events, wait_for
 
 
 def alerts(stack: LocalStack) -> list[str]:
@@ -55,7 +56,7 @@ def test_a_step_that_kills_its_worker_every_time_is_dead_lettered(
 def test_a_dead_letter_for_a_completed_step_is_not_marked_and_raises_no_alert(
     stack: LocalStack, instance: DagsterInstance, ledger: Ledger
 ) -> None:
-    with Tee(stack) as tee:
+    with DuplicatingRelay(stack, copies=1) as tee:
         start_workers(stack, 1, args=("--queue-url", tee.workers_queue_url))
         result = execute_job(reconstructable(jobs.outputs_job), instance=instance)
     assert result.success

@@ -13,10 +13,11 @@ from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructa
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 
 from dagster_taskiq.ledger import Ledger, Status
+from dagster_taskiq.load.faults import DuplicatingRelay
 from dagster_taskiq.local.stack import LocalStack
 from tests import jobs
 from tests.conftest import REPO_ROOT, start_workers
-from tests.helpers import Tee, step_events
+from tests.helpers import step_events
 
 
 def test_outputs_pass_between_steps_on_two_workers(
@@ -157,7 +158,7 @@ def test_executor_set_on_definitions(
 def test_messages_carry_no_instance_ref_and_no_credentials(
     stack: LocalStack, instance: DagsterInstance
 ) -> None:
-    with Tee(stack) as tee:
+    with DuplicatingRelay(stack, copies=1) as tee:
         start_workers(stack, 1, args=("--queue-url", tee.workers_queue_url))
         result = execute_job(reconstructable(jobs.outputs_job), instance=instance)
     assert result.success

@@ -19,10 +19,11 @@ from dagster._core.execution.api import execute_run
 from dagster._core.execution.job_execution_result import JobExecutionResult
 
 from dagster_taskiq.ledger import Ledger, Status, StepRecord
+from dagster_taskiq.load.faults import DuplicatingRelay
 from dagster_taskiq.local.stack import LocalStack
 from tests import jobs
 from tests.conftest import start_workers
-from tests.helpers import RunProcess, Tee, engine_messages, wait_for
+from tests.helpers import RunProcess, engine_messages, wait_for
 
 LEASE = 4  # seconds: a dead worker's step is taken over after about this long
 
@@ -76,7 +77,7 @@ def test_duplicate_delivery_runs_the_op_body_once(
 ) -> None:
     # The executor sends to one queue; a tee delivers every message twice to the queue
     # the workers read, as SQS's at-least-once delivery may.
-    with Tee(stack, copies=2) as tee:
+    with DuplicatingRelay(stack, copies=2) as tee:
         start_workers(stack, 2, args=("--queue-url", tee.workers_queue_url))
         result = execute_job(
             reconstructable(jobs.slow_job), instance=instance, run_config=slow_config(2.0)

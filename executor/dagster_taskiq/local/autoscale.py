@@ -47,10 +47,12 @@ class LocalAutoscaler:
         *,
         tick_seconds: float = 10.0,
         on_evaluation: Callable[[Evaluation, str], None] | None = None,
+        queue_url: str | None = None,
     ) -> None:
+        self.pool = pool
         self.ledger = Ledger(stack.database_url, pool_size=1)
         self.scaler = Scaler(
-            queue=SqsQueue(stack.queue_url, endpoint_url=stack.sqs_endpoint),
+            queue=SqsQueue(queue_url or stack.queue_url, endpoint_url=stack.sqs_endpoint),
             ledger=self.ledger,
             service=LocalWorkerService(pool, f"local/{stack.queue_url.rsplit('/', 1)[-1]}"),
             config=config,
@@ -81,6 +83,7 @@ class LocalAutoscaler:
             if self._stop.is_set():
                 return
             cause, self._cause = (self._cause if woken else "tick"), "tick"
+            self.pool.replace_dead()
             try:
                 evaluation = self.scaler.evaluate()
             except Exception:

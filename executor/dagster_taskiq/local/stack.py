@@ -56,19 +56,46 @@ EMULATOR_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "
 DATABASE_NAME = "dagster_taskiq"
 
 
+class EmbeddedPostgres:
+    """A PostgreSQL server of the ``pgserver`` package, on a Unix socket in its data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless.
+            warnings.simplefilter("ignore")
+            import pgserver
+
+            self._server = pgserver.get_server(data_dir, cleanup_mode="stop")
+        self.data_dir = data_dir
+        self.url = str(self._server.get_uri())  # libpq-style
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Stop the server (fast: open connections are cut), stay down, start it again."""
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined] # made at import
+
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self._server.system_user)
+        time.sleep(down_seconds)
+        # Starts it with the same socket, and tracks the new postmaster for the cleanup.
+        self._server.ensure_postgres_running()
+
+    def stop(self) -> None:
+        self._server.cleanup()
+
+
+@contextlib.contextmanager
+def embedded_postgres_server(data_dir: Path) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(data_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path) -> Iterator[str]:
     """An embedded PostgreSQL server on a Unix socket. Yields a libpq-style URL."""
-    with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless here.
-        warnings.simplefilter("ignore")
-        import pgserver
-
-        server = pgserver.get_server(data_dir, cleanup_mode="stop")
-    try:
-        yield str(server.get_uri())
-    finally:
-        server.cleanup()
+    with embedded_postgres_server(data_dir) as server:
+        yield server.url
 
 
 def create_database(server_url: str, name: str) -> str:
@@ -175,6 +202,7 @@ class LocalStack:
     autoscalers: list[LocalAutoscaler] = field(default_factory=list)
     dead_letter_consumers: list[LocalDeadLetters] = field(default_factory=list)
     scaler_function: str | None = None
+    postgres: EmbeddedPostgres | None = None  # when the stack started its own
 
     def env(self) -> dict[str, str]:
         """Environment for any process on this stack: the executor's run worker, workers."""
@@ -241,9 +269,10 @@ def local_stack(
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dagster-taskiq-")))
         root.mkdir(parents=True, exist_ok=True)
         (root / "logs").mkdir(exist_ok=True)
+        postgres = None
         if database_url is None:
-            server_url = stack.enter_context(embedded_postgres(root / "pgdata"))
-            database_url = create_database(server_url, DATABASE_NAME)
+            postgres = stack.enter_context(embedded_postgres_server(root / "pgdata"))
+            database_url = create_database(postgres.url, DATABASE_NAME)
         if sqs_endpoint is None:
             emulator_log = stack.enter_context(open(root / "logs" / "sqs-emulator.log", "w"))
             sqs_endpoint = stack.enter_context(sqs_emulator(emulator_log))
@@ -278,6 +307,7 @@ def local_stack(
             code_locations=code_locations,
             protection=protection,
             lambda_endpoint=lambda_endpoint,
+            postgres=postgres,
         )
         try:
             yield local
@@ -375,6 +405,15 @@ class WorkerPool:
                 self.retiring.append(victim)
         if wait:
             self._reap(block=True)
+
+    def replace_dead(self) -> int:
+        """Like ECS: a worker that stopped on its own is replaced, keeping the desired count."""
+        with self._lock:
+            dead = [w for w in self.workers if w.process.poll() is not None]
+            for worker in dead:
+                self.workers.remove(worker)
+                self._start_one()
+        return len(dead)
 
     def _choose_victim(self) -> LocalWorker:
         # Like ECS with task scale-in protection: a busy worker is the last choice.

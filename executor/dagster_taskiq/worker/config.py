@@ -44,6 +44,10 @@ class WorkerSettings:
     signing_key: str | None = None
     max_steps_per_process: int = 200
     wait_seconds: int = 20
+    # How long a received message stays hidden before it is claimed (the claim then hides
+    # it for the step's lease). Short, so that a message received by a worker that died
+    # before claiming it comes back soon; claiming takes milliseconds.
+    receive_visibility_seconds: int = 15
     stop_timeout: float = 100.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Heartbeats run every lease/3, but at least this often, so a cancel lands quickly.

@@ -90,9 +90,8 @@ def execute(instance: DagsterInstance, task: StepTask) -> StepResult:
             f"Run {message.run_id} is not in this worker's Dagster instance: the worker and "
             "the run must share instance storage (DAGSTER_HOME / dagster.yaml).",
         )
-    if run.is_finished or run.status == DagsterRunStatus.CANCELING:
-        return result(Outcome.NOT_STARTED, False, f"run is {run.status.value}")
-
+    # First the ending: an attempt that ended before its worker died is recorded as it
+    # ended, even when the run has finished since.
     ended = attempt_outcome(instance, message.run_id, message.step_key, message.attempt)
     if ended is not None:
         return result(
@@ -100,6 +99,8 @@ def execute(instance: DagsterInstance, task: StepTask) -> StepResult:
             ended is AttemptOutcome.SUCCEEDED,
             "the event log already has this attempt's ending from an earlier delivery",
         )
+    if run.is_finished or run.status == DagsterRunStatus.CANCELING:
+        return result(Outcome.NOT_STARTED, False, f"run is {run.status.value}")
 
     if task.previous_worker:
         instance.report_engine_event(

@@ -9,10 +9,12 @@ shutdown release), so that no ending is written for an attempt another worker wi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -31,8 +33,21 @@ class StepProcessDied(Exception):
         self.exitcode = exitcode
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Die with the supervisor: a SIGKILLed worker must not leave a step running, not even
+    for the moment it would take to write one more record."""
+    if sys.platform == "linux":
+        # The kernel sends SIGKILL the instant the parent dies.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
 def _exit_with_parent(parent_pid: int) -> None:
-    """Die with the supervisor: a SIGKILLed worker must not leave steps running."""
+    # Elsewhere, and for a parent that died before prctl: look twice a second.
     while True:
         if os.getppid() != parent_pid:
             os._exit(70)
@@ -55,7 +70,7 @@ def _preload(locations: tuple[CodeLocation, ...]) -> None:
 
 
 def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...]) -> None:
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    _die_with_parent(parent_pid)
     # SIGTERM goes to the supervisor, which decides when steps stop.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

@@ -232,7 +232,7 @@ class Worker:
                 messages = self.queue.receive(
                     max_messages=len(idle),
                     wait_seconds=self.settings.wait_seconds,
-                    visibility_timeout=60,
+                    visibility_timeout=self.settings.receive_visibility_seconds,
                 )
                 backoff.reset()
             except QueueUnavailable as e:

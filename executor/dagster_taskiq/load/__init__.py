@@ -1,0 +1,1 @@
+"""Load and faults: the simulator, its jobs, the exactly-once verification and the pictures."""
