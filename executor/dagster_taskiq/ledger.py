@@ -102,6 +102,26 @@ def _seconds(value: int | float) -> sa.ColumnElement[Any]:
     return sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.cast(value, sa.Float))
 
 
+# SQLSTATEs of a server that is going away or not there yet: connection exceptions
+# (class 08), shutting down or starting up (57P01-57P03), too many connections (53300).
+# pg8000 reports these from the server as DatabaseError, not OperationalError.
+_OUTAGE_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
+def _sqlstate(error: DBAPIError) -> str | None:
+    args = getattr(error.orig, "args", ())
+    return args[0].get("C") if args and isinstance(args[0], dict) else None
+
+
+def _is_outage(error: DBAPIError) -> bool:
+    if error.connection_invalidated or isinstance(
+        error, sa.exc.OperationalError | sa.exc.InterfaceError
+    ):
+        return True
+    state = _sqlstate(error) or ""
+    return state in _OUTAGE_STATES or state.startswith("08")
+
+
 class LedgerUnavailable(Exception):
     """The database could not be reached or refused the statement; safe to retry."""
 
@@ -204,9 +224,7 @@ class Ledger:
             with self.engine.begin() as conn:
                 yield conn
         except DBAPIError as e:
-            if e.connection_invalidated or isinstance(
-                e, sa.exc.OperationalError | sa.exc.InterfaceError
-            ):
+            if _is_outage(e):
                 raise LedgerUnavailable(
                     f"The ledger database {redact_url(self.url)} is unreachable: {e.orig}"
                 ) from e

@@ -9,16 +9,22 @@ except where its worker died mid-step, and every run finished within the bound.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
 
+from dagster_taskiq.cli import cli
+from dagster_taskiq.load import executions
 from dagster_taskiq.load.faults import FaultLog
 from dagster_taskiq.load.runner import LoadRunner, local_target
 from dagster_taskiq.load.scenarios import Fault, FaultKind, Plan, Submission, fanout, slow
+from dagster_taskiq.settings import ledger_url
 
 RUN_BOUND = 240.0  # seconds from submission to the end of any run
 
@@ -58,6 +64,29 @@ def fault_plan() -> Plan:
     )
 
 
+def forge_a_second_execution(database_url: str, load_id: str) -> None:
+    """What a broken protocol would leave: one attempt's op body run twice, same token."""
+    engine = sa.create_engine(ledger_url(database_url))
+    with engine.begin() as conn:
+        row = (
+            conn.execute(
+                sa.select(executions.executions)
+                .where(executions.executions.c.phase == executions.START)
+                .where(executions.executions.c.fencing_token.is_not(None))
+                .order_by(executions.executions.c.id.desc())
+                .limit(1)
+            )
+            .mappings()
+            .one()
+        )
+        conn.execute(
+            executions.executions.insert().values(
+                {k: v for k, v in row.items() if k not in {"id", "at"}}
+            )
+        )
+    engine.dispose()
+
+
 @pytest.mark.timeout(600)
 def test_nothing_is_lost_or_completed_twice_under_every_fault(
     tmp_path: Path, restored_environ: None
@@ -78,6 +107,14 @@ def test_nothing_is_lost_or_completed_twice_under_every_fault(
             max_concurrent_runs=8,
         )
         result = runner.run()
+        # The command reads the same records, and its exit code tells a problem apart.
+        verified = CliRunner().invoke(
+            cli,
+            ["verify", "--load-id", runner.load_id, "--output", str(tmp_path / "v.csv"),
+             "--format", "csv"],
+        )  # fmt: skip
+        forge_a_second_execution(target.database_url, runner.load_id)
+        forged = CliRunner().invoke(cli, ["verify", "--load-id", runner.load_id])
     summary = result.summary()
     print(json.dumps(summary, indent=2))  # the figures, with -s
 
@@ -99,5 +136,11 @@ def test_nothing_is_lost_or_completed_twice_under_every_fault(
         + summary["reexecuted_after_worker_killed"]
         + summary["reexecuted_after_lease_lost"]
     )
+    assert verified.exit_code == 0, verified.output
+    assert json.loads(verified.stdout.splitlines()[-1])["lost_steps"] == 0
+    with open(tmp_path / "v.csv") as rows:
+        assert len(list(csv.DictReader(rows))) == summary["attempts"]
+    assert forged.exit_code == 1
+    assert "unexplained_duplicate_execution" in forged.output
     for name in ("report.json", "report.csv", "timeline.csv", "load.png", "summary.json"):
         assert (tmp_path / "out" / name).stat().st_size > 0

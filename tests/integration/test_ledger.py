@@ -748,3 +748,21 @@ def test_unreachable_database_raises_ledger_unavailable(url: str, shown: str) ->
             )
     finally:
         store.dispose()
+
+
+@pytest.mark.parametrize(
+    ("state", "outage"),
+    [("57P03", True), ("57P01", True), ("08006", True), ("53300", True), ("23505", False)],
+)
+def test_a_server_going_away_is_an_outage_and_a_bad_statement_is_not(
+    state: str, outage: bool
+) -> None:
+    # pg8000 reports the server's own errors (a restart: "the database system is shutting
+    # down") as DatabaseError; by their SQLSTATE they are outages, safe to retry.
+    from pg8000.exceptions import DatabaseError
+
+    from dagster_taskiq.ledger import _is_outage
+
+    orig = DatabaseError({"S": "FATAL", "C": state, "M": "message from the server"})
+    error = sa.exc.DBAPIError.instance("SELECT 1", {}, orig, DatabaseError)
+    assert _is_outage(error) is outage
