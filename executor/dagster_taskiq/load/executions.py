@@ -49,17 +49,18 @@ def record_url() -> str:
     return url
 
 
-def ensure_table(engine: sa.Engine) -> None:
+def ensure_tables(engine: sa.Engine, tables: sa.MetaData = metadata) -> None:
+    """Create the simulator's ``tables`` if missing."""
     with engine.begin() as conn:
-        # Many step processes start at once; one of them creates the table.
+        # Many step processes start at once; one of them creates the tables.
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(0x6C6F6164)))
-        metadata.create_all(conn)
+        tables.create_all(conn)
 
 
 @cache
 def _engine() -> sa.Engine:
     engine = sa.create_engine(ledger_url(record_url()), pool_size=1, pool_pre_ping=True)
-    ensure_table(engine)
+    ensure_tables(engine)
     return engine
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from dagster_taskiq.load.executions import ensure_tables
 from dagster_taskiq.load.faults import FaultMark
 from dagster_taskiq.settings import ledger_url
 
@@ -51,9 +52,7 @@ class Session:
 class Sessions:
     def __init__(self, database_url: str) -> None:
         self.engine = sa.create_engine(ledger_url(database_url), pool_size=1, pool_pre_ping=True)
-        with self.engine.begin() as conn:
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(0x6C6F6164)))
-            metadata.create_all(conn)
+        ensure_tables(self.engine, metadata)
 
     def start(self, scenario: str, parameters: dict[str, Any]) -> str:
         load_id = f"{scenario}-{uuid.uuid4().hex[:8]}"

@@ -288,7 +288,7 @@ def verify(
     try:
         ledger_rows = ledger.for_runs(run_ids)
         rejected = len(ledger.rejections())
-        executions.ensure_table(engine)
+        executions.ensure_tables(engine)
         body_rows = executions.rows_for_runs(engine, run_ids)
     finally:
         ledger.dispose()
