@@ -134,7 +134,7 @@ def test_nothing_is_lost_or_completed_twice_under_every_fault(
         summary["executions"]
         == summary["attempts"]
         + summary["reexecuted_after_worker_killed"]
-        + summary["reexecuted_after_lease_lost"]
+        + summary["reexecuted_after_release"]
     )
     assert verified.exit_code == 0, verified.output
     assert json.loads(verified.stdout.splitlines()[-1])["lost_steps"] == 0

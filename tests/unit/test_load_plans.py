@@ -76,9 +76,12 @@ def test_an_execution_cut_short_by_a_killed_worker_is_explained() -> None:
     assert _classify_executions(rows, killed_pids={10}) == (1, 0, 0)
 
 
-def test_an_execution_fenced_out_after_its_lease_ran_out_is_explained() -> None:
+def test_an_execution_fenced_out_by_a_later_claim_is_explained() -> None:
+    # Cut off until its lease ran out, or given back: either way a new claim, a new token.
     rows = [row(START, 1, 10, 11), row(START, 2, 20, 21), row(END, 2, 20, 21)]
     assert _classify_executions(rows, killed_pids=set()) == (0, 1, 0)
+    finished = [row(START, 1, 10, 11), row(END, 1, 10, 11), row(START, 2, 20, 21)]
+    assert _classify_executions(finished, killed_pids=set()) == (0, 1, 0)
 
 
 def test_the_same_token_twice_is_unexplained() -> None:
@@ -86,8 +89,8 @@ def test_the_same_token_twice_is_unexplained() -> None:
     assert _classify_executions(rows, killed_pids=set()) == (0, 0, 1)
 
 
-def test_running_again_after_a_finished_execution_is_unexplained() -> None:
-    rows = [row(START, 1, 10, 11), row(END, 1, 10, 11), row(START, 2, 20, 21)]
+def test_an_execution_outside_a_taskiq_worker_twice_is_unexplained() -> None:
+    rows = [row(START, None, 10, 11), row(START, None, 10, 12)]
     assert _classify_executions(rows, killed_pids=set()) == (0, 0, 1)
 
 

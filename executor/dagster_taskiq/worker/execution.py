@@ -40,6 +40,9 @@ class Outcome(Enum):
     INTERRUPTED = "interrupted"  # cancel requested: stopped by an interrupt
     NOT_STARTED = "not_started"  # the run is finished or cancelling
     ALREADY_ENDED = "already_ended"  # the event log has the ending from an earlier delivery
+    # Dagster raised before the step had an ending in the event log: typically the
+    # database went away mid-write. Not the user's failure: given back, to run again.
+    NO_ENDING = "no_ending"
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ def execute(instance: DagsterInstance, task: StepTask) -> StepResult:
     except Exception:
         error = serializable_error_info_from_exc_info(sys.exc_info())
         if ending is None:
-            return result(Outcome.FAILED, False, f"framework error: {error.to_string()}")
+            return result(Outcome.NO_ENDING, False, f"framework error: {error.to_string()}")
     finally:
         set_current_attempt(None)
 

@@ -35,6 +35,8 @@ from dagster_taskiq.worker.origins import origin_allowed
 from dagster_taskiq.worker.protection import ENV_AGENT_URI, TaskProtection
 from dagster_taskiq.worker.step_process import StepProcess, StepProcessDied
 
+GIVE_BACK_DELAY = 5  # seconds a step given back after a fault stays hidden
+
 
 class Backoff:
     """Exponential back-off with a cap, reset on success."""
@@ -380,17 +382,24 @@ class Worker:
             # Someone else may hold the step now; record nothing, delete nothing.
             self.log.warning("Step stopped: lease lost", extra={"idempotency_key": key})
             return
-        if lease.state is LeaseState.RELEASING or result is None:
-            reason = (
-                "released: worker shutting down"
-                if lease.state is LeaseState.RELEASING
-                else failure or "no result from the step process"
-            )
+        if (
+            lease.state is LeaseState.RELEASING
+            or result is None
+            or result.outcome is Outcome.NO_ENDING
+        ):
+            if lease.state is LeaseState.RELEASING:
+                reason = "released: worker shutting down"
+            elif result is not None:
+                reason = f"given back: the step could not record its ending: {result.detail}"
+            else:
+                reason = failure or "no result from the step process"
             self.log.warning(
                 "Step given back to the queue", extra={"idempotency_key": key, "reason": reason}
             )
             self._retrying(lambda: self.ledger.release(key, token, reason), lease)
-            self._hide(received, 0)
+            # At once to another worker on shutdown; after a breath when the database or
+            # the network failed, so that a short outage does not use up the deliveries.
+            self._hide(received, 0 if lease.state is LeaseState.RELEASING else GIVE_BACK_DELAY)
             return
         if result.outcome in (Outcome.INTERRUPTED, Outcome.NOT_STARTED):
             if self._retrying(lambda: self.ledger.finish_cancel(key, token), lease):
