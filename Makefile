@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: install demo test lint typecheck unit test-slow lock ui clean synth
+.PHONY: install demo test lint typecheck unit test-slow lock ui clean synth bench
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ test: lint typecheck
 # Long fault runs (marked `slow`); pytest's exit code 5 means none are collected yet.
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow $(PYTEST_ARGS) || test $$? -eq 5
+
+# Side by side with Dagster's executors and dagster-celery (on Redis: the local one, one it
+# starts, or skipped with the reason); writes benchmarks/results/latest.json and .png.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 # The CDK app (cdk/) synthesized into cdk.out/, offline: no AWS account (the stack is
 # environment-agnostic) and no Docker (the worker image is built by `cdk deploy`). The CLI is

@@ -5,14 +5,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dagster._core.code_pointer import FileCodePointer, ModuleCodePointer, PackageCodePointer
+from dagster._core.code_pointer import (
+    CodePointer,
+    CustomPointer,
+    FileCodePointer,
+    ModuleCodePointer,
+    PackageCodePointer,
+)
 from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 
 from dagster_taskiq.worker.config import CodeLocation
 from dagster_taskiq.worker.origins import origin_allowed
 
 
-def _origin(pointer: ModuleCodePointer | FileCodePointer | PackageCodePointer) -> JobPythonOrigin:
+def _origin(pointer: CodePointer) -> JobPythonOrigin:
     return JobPythonOrigin(
         "my_job", RepositoryPythonOrigin(executable_path="/usr/bin/python3", code_pointer=pointer)
     )
@@ -27,6 +33,15 @@ def test_a_module_origin_is_allowed_by_its_module_name() -> None:
 def test_a_package_origin_is_allowed_by_its_module_name() -> None:
     origin = _origin(PackageCodePointer("my_project", "defs", None))
     assert origin_allowed(origin, (CodeLocation("my_project"),)) is None
+
+
+def test_a_job_built_by_a_function_with_arguments_is_allowed_by_its_module() -> None:
+    # build_reconstructable_job: the job is whatever make_job(...) returns in that module.
+    maker = ModuleCodePointer("my_project.factory", "make_job", None)
+    origin = _origin(CustomPointer(maker, ["fanout", 100], []))
+    assert origin_allowed(origin, (CodeLocation("my_project.factory"),)) is None
+    refusal = origin_allowed(origin, (CodeLocation("my_project.defs"),))
+    assert refusal is not None and "'my_project.factory'" in refusal
 
 
 def test_a_file_origin_is_allowed_by_its_real_path(tmp_path: Path) -> None:

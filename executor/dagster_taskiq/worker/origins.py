@@ -11,6 +11,7 @@ import os
 
 from dagster._core.code_pointer import (
     CodePointer,
+    CustomPointer,
     FileCodePointer,
     ModuleCodePointer,
     PackageCodePointer,
@@ -21,6 +22,10 @@ from dagster_taskiq.worker.config import CodeLocation
 
 
 def _describe(pointer: CodePointer) -> tuple[str, str]:
+    if isinstance(pointer, CustomPointer):
+        # A job made by a function with arguments (build_reconstructable_job): its code
+        # is the module of that function.
+        return _describe(pointer.reconstructor_pointer)
     if isinstance(pointer, ModuleCodePointer | PackageCodePointer):
         return "module", pointer.module
     if isinstance(pointer, FileCodePointer):

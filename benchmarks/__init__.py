@@ -1,0 +1,1 @@
+"""`make bench`: this executor side by side with Dagster's executors and dagster-celery."""

@@ -1,0 +1,345 @@
+"""``make bench``: the same jobs, in one run, on Dagster's in-process and multiprocess
+executors, dagster-celery and this executor, all on the same PostgreSQL instance storage.
+
+Writes ``benchmarks/results/latest.json`` and ``latest.png`` and prints the ratios of
+this executor to each peer. Peers run in turns, each after an untimed warm-up run, with
+2-way parallelism each: multiprocess ``max_concurrent`` 2, a celery worker with
+concurrency 2, one taskiq worker with 2 step processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+from dagster import DagsterInstance, execute_job
+
+from benchmarks.jobs import reconstructable_job
+from dagster_taskiq.ledger import Ledger
+from dagster_taskiq.local.stack import LocalStack, local_stack
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+WORKLOADS = ("fanout_100", "chain_20", "sleep_20")
+PEERS = ("in_process", "multiprocess", "celery", "taskiq")
+ENV_REDIS_URL = "DAGSTER_TASKIQ_BENCH_REDIS_URL"
+
+
+def say(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+# -- celery on Redis ------------------------------------------------------------------
+
+
+def _redis_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def redis_broker() -> Iterator[tuple[str | None, str]]:
+    """A Redis URL, or None and the reason there is none."""
+    url = os.environ.get(ENV_REDIS_URL, "redis://127.0.0.1:6379/9")
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    if _redis_answers(host, int(port)):
+        yield url, f"Redis at {url}"
+        return
+    server = shutil.which("redis-server")
+    if server is None:
+        yield None, f"no Redis answers at {url} and no redis-server to start"
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [server, "--port", str(free), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not _redis_answers("127.0.0.1", free):
+            if time.monotonic() > deadline:
+                yield None, "redis-server did not start"
+                return
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{free}/0", f"redis-server started on port {free}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@contextlib.contextmanager
+def celery_worker(broker: str, root: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``celery -A dagster_celery.app worker`` with concurrency 2, as dagster-celery's
+    ``worker start`` runs it, configured by a ``dagster_celery_config`` module."""
+    config_dir = root / "celery_config"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "dagster_celery_config.py").write_text(
+        f"broker_url = {broker!r}\nresult_backend = {broker!r}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(config_dir), str(REPO_ROOT)])}
+    command = [
+        sys.executable, "-m", "celery", "-A", "dagster_celery.app", "worker",
+        "--prefetch-multiplier=1", "-Q", "dagster", "--concurrency", "2",
+        "--loglevel", "WARNING", "-n", f"bench-{os.getpid()}@%h",
+    ]  # fmt: skip
+    with open(root / "logs" / "celery-worker.log", "wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        from celery import Celery
+
+        probe = Celery(broker=broker, backend=broker)
+        deadline = time.monotonic() + 60
+        while not probe.control.ping(timeout=1):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the celery worker did not start; see celery-worker.log")
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+# -- measuring ------------------------------------------------------------------------
+
+
+def timed_run(
+    instance: DagsterInstance, workload: str, peer: str, run_config: dict[str, Any]
+) -> float:
+    # The same for every peer: Dagster's console logger off the terminal.
+    run_config = {**run_config, "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    started = time.perf_counter()
+    result = execute_job(
+        reconstructable_job(workload, peer), instance=instance, run_config=run_config
+    )
+    seconds = time.perf_counter() - started
+    if not result.success:
+        raise RuntimeError(f"{workload} on {peer} failed (run {result.run_id})")
+    return seconds
+
+
+def figures(seconds: list[float]) -> dict[str, Any]:
+    return {
+        "median_s": round(statistics.median(seconds), 3),
+        "min_s": round(min(seconds), 3),
+        "max_s": round(max(seconds), 3),
+        "runs_s": [round(s, 3) for s in seconds],
+    }
+
+
+def pickup_latency_ms(
+    instance: DagsterInstance, stack: LocalStack, samples: int
+) -> dict[str, float]:
+    """Enqueue to step start on an idle warm worker, from the ledger's two timestamps
+    (both from the database clock)."""
+    ledger = Ledger(stack.database_url, pool_size=1)
+    latencies = []
+    try:
+        for _ in range(samples):
+            time.sleep(0.5)  # the worker idles, long-polling
+            result = execute_job(
+                reconstructable_job("single", "taskiq"),
+                instance=instance,
+                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            )
+            (record,) = ledger.for_run(result.run_id)
+            assert record.started_at is not None
+            latencies.append((record.started_at - record.enqueued_at).total_seconds() * 1000)
+    finally:
+        ledger.dispose()
+    ordered = sorted(latencies)
+    return {
+        "p50": round(statistics.median(ordered), 1),
+        "p95": round(statistics.quantiles(ordered, n=20, method="inclusive")[18], 1),
+        "samples": len(ordered),
+    }
+
+
+def rss_mb(pid: int) -> float:
+    process = psutil.Process(pid)
+    total = process.memory_info().rss
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += child.memory_info().rss
+    return round(float(total) / 2**20, 1)
+
+
+# -- the run --------------------------------------------------------------------------
+
+
+def run(reps: int, peers: tuple[str, ...], pickup_samples: int) -> dict[str, Any]:
+    os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
+    )
+    report: dict[str, Any] = {"workloads": {}, "skipped": {}, "reps": reps}
+    with contextlib.ExitStack() as exits:
+        root = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="dagster-bench-")))
+        stack = exits.enter_context(local_stack(root, code_locations=("benchmarks.jobs",)))
+        stack.apply_env()
+        instance = DagsterInstance.get()
+        exits.callback(instance.dispose)
+        configs: dict[str, dict[str, Any]] = {p: {} for p in peers}
+        if "celery" in peers:
+            broker, why = exits.enter_context(redis_broker())
+            if broker is None:
+                report["skipped"]["celery"] = why
+                say(f"celery skipped: {why}")
+            else:
+                say(f"celery on {why}")
+                exits.enter_context(celery_worker(broker, root))
+                configs["celery"] = {"execution": {"config": {"broker": broker, "backend": broker}}}
+        worker_pid = None
+        if "taskiq" in peers:
+            pool = stack.worker_pool(concurrency=2)
+            pool.scale_to(1)
+            worker_pid = pool.processes[0].pid
+        active = [p for p in peers if p not in report["skipped"]]
+        for peer in active:
+            say(f"warming up {peer}")
+            timed_run(instance, "chain_20", peer, configs[peer])
+        for workload in WORKLOADS:
+            report["workloads"][workload] = {}
+            for peer in active:
+                seconds = []
+                for rep in range(reps):
+                    seconds.append(timed_run(instance, workload, peer, configs[peer]))
+                    say(f"{workload} on {peer}, run {rep + 1}: {seconds[-1]:.2f} s")
+                report["workloads"][workload][peer] = figures(seconds)
+        if "taskiq" in active:
+            seconds = []
+            for rep in range(reps):
+                seconds.append(timed_run(instance, "fanout_1000", "taskiq", {}))
+                say(f"fanout_1000 on taskiq, run {rep + 1}: {seconds[-1]:.2f} s")
+            report["workloads"]["fanout_1000"] = {"taskiq": figures(seconds)}
+            report["pickup_latency_ms"] = pickup_latency_ms(instance, stack, pickup_samples)
+            time.sleep(2)  # idle
+            assert worker_pid is not None
+            report["worker_idle_rss_mb"] = rss_mb(worker_pid)
+    report["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    return report
+
+
+# -- the ratios, the targets and the chart --------------------------------------------
+
+
+def ratio(report: dict[str, Any], workload: str, peer: str) -> float | None:
+    row = report["workloads"].get(workload, {})
+    if "taskiq" not in row or peer not in row:
+        return None
+    return round(float(row["taskiq"]["median_s"]) / float(row[peer]["median_s"]), 3)
+
+
+def per_step_ratio(report: dict[str, Any]) -> float | None:
+    rows = report["workloads"]
+    if "taskiq" not in rows.get("fanout_1000", {}) or "taskiq" not in rows.get("fanout_100", {}):
+        return None
+    big = float(rows["fanout_1000"]["taskiq"]["median_s"]) / 1001
+    small = float(rows["fanout_100"]["taskiq"]["median_s"]) / 101
+    return round(big / small, 3)
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    checks = [
+        ("fanout_100 vs celery", ratio(report, "fanout_100", "celery"), 0.5),
+        ("fanout_100 vs in_process", ratio(report, "fanout_100", "in_process"), 1.5),
+        ("chain_20 vs in_process", ratio(report, "chain_20", "in_process"), 2.0),
+        ("sleep_20 vs celery", ratio(report, "sleep_20", "celery"), 0.8),
+        ("fanout_1000 per step vs fanout_100", per_step_ratio(report), 1.2),
+        ("pick-up p50 ms", report.get("pickup_latency_ms", {}).get("p50"), 100.0),
+        ("idle worker RSS MB", report.get("worker_idle_rss_mb"), 200.0),
+    ]
+    return [
+        {"target": name, "value": value, "at_most": bound, "holds": value <= bound}
+        for name, value, bound in checks
+        if value is not None
+    ]
+
+
+def print_table(report: dict[str, Any]) -> None:
+    peers = [p for p in PEERS if p != "taskiq"]
+    print("| workload | " + " | ".join(f"{p} median s" for p in PEERS) + " | "
+          + " | ".join(f"taskiq / {p}" for p in peers) + " |")  # fmt: skip
+    print("|---" * (len(PEERS) + len(peers) + 1) + "|")
+    for workload, row in report["workloads"].items():
+        cells = [f"{row[p]['median_s']:.2f}" if p in row else "-" for p in PEERS]
+        ratios = [ratio(report, workload, p) for p in peers]
+        shown = [f"{r:.2f}x" if r is not None else "-" for r in ratios]
+        print(f"| {workload} | " + " | ".join(cells) + " | " + " | ".join(shown) + " |")
+    print()
+    for check in report["targets"]:
+        mark = "holds" if check["holds"] else "MISSED"
+        print(f"- {check['target']}: {check['value']} (at most {check['at_most']}): {mark}")
+    for peer, why in report["skipped"].items():
+        print(f"- {peer} skipped: {why}")
+
+
+def draw(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(report["workloads"])
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4 * len(workloads), 4))
+    for axis, workload in zip(axes, workloads, strict=True):
+        row = report["workloads"][workload]
+        names = [p for p in PEERS if p in row]
+        medians = [row[p]["median_s"] for p in names]
+        errors = [
+            [row[p]["median_s"] - row[p]["min_s"] for p in names],
+            [row[p]["max_s"] - row[p]["median_s"] for p in names],
+        ]
+        colours = ["tab:green" if p == "taskiq" else "tab:gray" for p in names]
+        axis.bar(names, medians, yerr=errors, color=colours, capsize=4)
+        axis.set_title(workload)
+        axis.set_ylabel("seconds (median, min-max)")
+        axis.tick_params(axis="x", rotation=30)
+    fig.suptitle("dagster-taskiq and its peers, one run on one machine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--pickup-samples", type=int, default=20)
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    args = parser.parse_args()
+    peers = tuple(p for p in args.peers.split(",") if p)
+    unknown = set(peers) - set(PEERS)
+    if unknown or args.reps < 1:
+        parser.error(f"--peers from {PEERS}; --reps at least 1")
+    report = run(args.reps, peers, args.pickup_samples)
+    report["targets"] = targets(report)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    draw(report, args.output.with_suffix(".png"))
+    print_table(report)
+    say(f"written to {args.output} and {args.output.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
