@@ -78,10 +78,11 @@ def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...])
     from dagster._utils.interrupts import capture_interrupts, pop_captured_interrupt
 
     from dagster_taskiq.worker.execution import execute
-    from dagster_taskiq.worker.storage import ride_out_database_outages
+    from dagster_taskiq.worker.storage import keep_connections, ride_out_database_outages
 
     ride_out_database_outages()
     instance = DagsterInstance.get()
+    keep_connections(instance)
     _preload(locations)
     conn.send("ready")
     with capture_interrupts():
