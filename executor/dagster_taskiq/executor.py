@@ -190,17 +190,12 @@ class TaskiqExecutor(StepDelegatingExecutor):
     def _pop_events(
         self, instance: DagsterInstance, run_id: str, seen_storage_ids: set[int]
     ) -> Sequence[DagsterEvent]:
-        deadline = time.monotonic() + self._unreachable_retry_seconds
-        delay = 0.5
-        while True:
-            try:
-                return super()._pop_events(instance, run_id, seen_storage_ids)
-            except (OperationalError, InterfaceError, DagsterPostgresException) as e:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("Event log unreadable; retrying in %.1f s: %s", delay, e)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return retry_while_unreachable(
+            lambda: super(TaskiqExecutor, self)._pop_events(instance, run_id, seen_storage_ids),
+            time.monotonic() + self._unreachable_retry_seconds,
+            errors=(OperationalError, InterfaceError, DagsterPostgresException),
+            what="The event log",
+        )
 
 
 class TaskiqExecutorConfigError(DagsterError):

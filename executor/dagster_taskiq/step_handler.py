@@ -42,20 +42,27 @@ class LaunchSettings:
     retry_seconds: float = 60.0  # a launch rides out an outage of SQS or the ledger this long
 
 
-def retry_while_unreachable(action: Callable[[], T], deadline: float) -> T:
-    """Retry an SQS or ledger call through an outage, until ``deadline`` (monotonic).
+def retry_while_unreachable(
+    action: Callable[[], T],
+    deadline: float,
+    *,
+    errors: tuple[type[Exception], ...] = (QueueUnavailable, LedgerUnavailable),
+    what: str = "SQS or the ledger",
+) -> T:
+    """Retry a call through an outage (``errors``), until ``deadline`` (monotonic).
 
-    The executor's calls are idempotent: the ledger row is inserted once per key, and a
-    second message for the same key is suppressed by the worker as a duplicate.
+    The executor's calls are idempotent: the ledger row is inserted once per key, a
+    second message for the same key is suppressed by the worker as a duplicate, and an
+    event-log read moves its cursor only when it succeeds.
     """
     delay = 0.5
     while True:
         try:
             return action()
-        except (QueueUnavailable, LedgerUnavailable) as e:
+        except errors as e:
             if time.monotonic() + delay > deadline:
                 raise
-            log.warning("SQS or the ledger unreachable; retrying in %.1f s: %s", delay, e)
+            log.warning("%s unreachable; retrying in %.1f s: %s", what, delay, e)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
