@@ -270,9 +270,7 @@ class Ledger:
         return StepRecord.from_row(found) if found else None
 
     def for_run(self, run_id: str) -> list[StepRecord]:
-        stmt = self._select().where(steps.c.run_id == run_id).order_by(steps.c.enqueued_at)
-        with self.transaction() as conn:
-            return [StepRecord.from_row(r) for r in conn.execute(stmt).mappings()]
+        return self.for_runs([run_id])
 
     def live_leases(self, queue_url: str | None = None) -> int:
         """Steps running under a live lease (on one queue, if given): the workers the

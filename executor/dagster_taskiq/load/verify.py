@@ -38,7 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
-from dagster_taskiq.ledger import Ledger, Status, StepRecord
+from dagster_taskiq.ledger import NON_TERMINAL, Ledger, Status, StepRecord
 from dagster_taskiq.load import executions
 from dagster_taskiq.load.jobs import EXPECTED_STATUS
 from dagster_taskiq.load.sessions import LOAD_TAG, Session
@@ -50,6 +50,7 @@ ENDINGS = {
     DagsterEventType.STEP_UP_FOR_RETRY,
 }
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+FINISHED_NAMES = {s.value for s in FINISHED}
 
 
 @dataclass
@@ -123,7 +124,7 @@ class Report:
             "runs": len(runs),
             "runs_by_status": dict(statuses),
             "runs_as_expected": sum(1 for r in runs if r.status == r.expected_status),
-            "runs_not_finished": sum(1 for r in runs if r.status not in _finished_names()),
+            "runs_not_finished": sum(1 for r in runs if r.status not in FINISHED_NAMES),
             "runs_stuck": sum(1 for r in runs for p in r.problems if p.startswith("run_stuck")),
             "steps": len({(s.run_id, s.step_key) for s in steps}),
             "attempts": len(steps),
@@ -181,10 +182,6 @@ class Report:
                         "; ".join(step.problems),
                     ]
                 )
-
-
-def _finished_names() -> set[str]:
-    return {s.value for s in FINISHED}
 
 
 def _endings(instance: DagsterInstance, run_id: str) -> dict[str, list[DagsterEventType]]:
@@ -346,7 +343,7 @@ def verify(
         for step in run_steps:
             if any(p.startswith("lost_step") for p in step.problems):
                 lost.add(step.step_key)
-            elif finished and step.ledger_status in {s.value for s in Status if not s.is_terminal}:
+            elif finished and step.ledger_status in NON_TERMINAL:
                 lost.add(step.step_key)
                 step.problems.append(
                     f"lost_step: {run_id} {step.step_key} attempt {step.attempt} is "
