@@ -14,14 +14,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 from dagster import DagsterInstance, execute_job, reconstructable
 
 from dagster_taskiq.ledger import Ledger, Status
 from dagster_taskiq.local.stack import LocalStack
-from dagster_taskiq.local.tcp_proxy import TcpProxy, tcp_proxy
+from dagster_taskiq.local.tcp_proxy import TcpProxy, postgres_target, tcp_proxy
 from tests import jobs
 from tests.conftest import REPO_ROOT, TEST_CODE_LOCATION
 
@@ -40,13 +40,7 @@ def entrypoint() -> list[str]:
 def postgres_over_tcp(stack: LocalStack) -> Iterator[tuple[TcpProxy, str, str]]:
     """A TCP address for the stack's database (the URL names a socket or a host)."""
     parts = urlsplit(stack.database_url)
-    host = parse_qs(parts.query).get("host", [parts.hostname or "127.0.0.1"])[0]
-    target: str | tuple[str, int] = (
-        f"{host}/.s.PGSQL.{parts.port or 5432}"
-        if host.startswith("/")
-        else (host, parts.port or 5432)
-    )
-    with tcp_proxy(target) as proxy:
+    with tcp_proxy(postgres_target(stack.database_url)) as proxy:
         yield proxy, parts.path.lstrip("/"), parts.username or "postgres"
 
 

@@ -20,11 +20,12 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from dagster_taskiq.local.stack import LocalStack, WorkerPool, write_dagster_yaml
-from dagster_taskiq.local.tcp_proxy import TcpProxy
+from dagster_taskiq.local.tcp_proxy import TcpProxy, postgres_target
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue, create_queue_with_dlq, sqs_client
 from dagster_taskiq.settings import ENV_DATABASE_URL, ENV_ENDPOINT_URL
 
@@ -36,6 +37,11 @@ class FaultMark:
     seconds: float = 0.0
     detail: str = ""
     pids: tuple[int, ...] = ()  # workers killed
+
+
+def killed_pids(marks: Iterable[FaultMark]) -> set[int]:
+    """The workers these faults killed: a step they were running may have run again."""
+    return {pid for mark in marks for pid in mark.pids}
 
 
 @dataclass
@@ -50,7 +56,7 @@ class FaultLog:
 
     @property
     def killed_pids(self) -> set[int]:
-        return {pid for m in self.marks for pid in m.pids}
+        return killed_pids(self.marks)
 
 
 class WorkerKiller:
@@ -89,17 +95,6 @@ class WorkerKiller:
         )
 
 
-def _postgres_target(database_url: str) -> tuple[str | tuple[str, int], str]:
-    """Where a PostgreSQL URL points (a Unix socket or host and port), and its database."""
-    parts = urlsplit(database_url)
-    host = parse_qs(parts.query).get("host", [parts.hostname or "127.0.0.1"])[0]
-    port = parts.port or 5432
-    target: str | tuple[str, int] = (
-        f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
-    )
-    return target, parts.path.lstrip("/")
-
-
 def via_proxy(database_url: str, proxy: TcpProxy) -> str:
     """The same database URL, reached over TCP through ``proxy``."""
     parts = urlsplit(database_url)
@@ -115,8 +110,7 @@ class WorkerNetwork:
 
     def __init__(self, stack: LocalStack, log: FaultLog) -> None:
         self.log = log
-        target, _ = _postgres_target(stack.database_url)
-        self.postgres = TcpProxy(target)
+        self.postgres = TcpProxy(postgres_target(stack.database_url))
         sqs = urlsplit(stack.sqs_endpoint)
         self.sqs = TcpProxy((sqs.hostname or "127.0.0.1", sqs.port or 80))
         self.database_url = via_proxy(stack.database_url, self.postgres)

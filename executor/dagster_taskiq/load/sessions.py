@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from dagster_taskiq.load.executions import ensure_tables
-from dagster_taskiq.load.faults import FaultMark
+from dagster_taskiq.load.faults import FaultMark, killed_pids
 from dagster_taskiq.settings import ledger_url
 
 LOAD_TAG = "dagster-taskiq/load"  # on every run the simulator submits: the load id
@@ -46,7 +46,7 @@ class Session:
 
     @property
     def killed_pids(self) -> set[int]:
-        return {pid for mark in self.faults for pid in mark.pids}
+        return killed_pids(self.faults)
 
 
 class Sessions:

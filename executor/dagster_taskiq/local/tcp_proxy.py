@@ -11,6 +11,7 @@ import contextlib
 import socket
 import threading
 from collections.abc import Iterator
+from urllib.parse import parse_qs, urlsplit
 
 
 class TcpProxy:
@@ -86,6 +87,15 @@ class TcpProxy:
         self._closed = True
         self.cut()
         self._listener.close()
+
+
+def postgres_target(database_url: str) -> str | tuple[str, int]:
+    """What a PostgreSQL URL connects to: a Unix socket path (``?host=/dir``, as the
+    embedded server's URL has it) or a host and port."""
+    parts = urlsplit(database_url)
+    host = parse_qs(parts.query).get("host", [parts.hostname or "127.0.0.1"])[0]
+    port = parts.port or 5432
+    return f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
 
 
 @contextlib.contextmanager
