@@ -65,6 +65,10 @@ def test_duplicate_delivery_doubles_every_message() -> None:
 def test_a_rate_of_zero_is_refused() -> None:
     with pytest.raises(ValueError, match="positive"):
         scenarios.steady_load(jobs_per_minute=0, duration=60)
+    with pytest.raises(ValueError, match="positive"):
+        scenarios.mixed_workload(jobs_per_minute=0, duration=60)
+    with pytest.raises(ValueError, match="positive"):
+        scenarios.duplicate_delivery(jobs_per_minute=0, duration=60)
 
 
 def row(phase: str, token: int | None, worker: int, process: int) -> dict[str, Any]:

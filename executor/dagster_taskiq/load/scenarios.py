@@ -94,15 +94,19 @@ def _every(interval: float, duration: float) -> list[float]:
     return [i * interval for i in range(max(1, math.ceil(duration / interval)))]
 
 
+def _at_rate(jobs_per_minute: float, duration: float) -> list[float]:
+    if jobs_per_minute <= 0:
+        raise ValueError("--jobs-per-minute must be positive")
+    return _every(60.0 / jobs_per_minute, duration)
+
+
 def _submit(at: float, choice: tuple[str, dict[str, Any]]) -> Submission:
     return Submission(at=round(at, 3), job=choice[0], run_config=choice[1])
 
 
 def steady_load(*, jobs_per_minute: float, duration: float, seed: int = 0) -> Plan:
     """One fan-out job at a steady rate."""
-    if jobs_per_minute <= 0:
-        raise ValueError("--jobs-per-minute must be positive")
-    times = _every(60.0 / jobs_per_minute, duration)
+    times = _at_rate(jobs_per_minute, duration)
     return Plan(
         "steady-load",
         duration,
@@ -134,7 +138,7 @@ def burst_load(
 def mixed_workload(*, duration: float, jobs_per_minute: float = 6.0, seed: int = 0) -> Plan:
     """Every kind of job, in a seeded random order, at a steady rate."""
     rng = random.Random(seed)
-    times = _every(60.0 / jobs_per_minute, duration)
+    times = _at_rate(jobs_per_minute, duration)
     return Plan(
         "mixed-workload",
         duration,
@@ -215,7 +219,7 @@ def network_partition(
 def duplicate_delivery(*, duration: float, jobs_per_minute: float = 12.0, seed: int = 0) -> Plan:
     """Every message delivered twice, and delivered messages sent again every 10 s."""
     rng = random.Random(seed)
-    times = _every(60.0 / jobs_per_minute, duration)
+    times = _at_rate(jobs_per_minute, duration)
     return Plan(
         "duplicate-delivery",
         duration,
