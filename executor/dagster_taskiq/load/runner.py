@@ -367,7 +367,7 @@ class LoadRunner:
             session,
             stuck_after=self.stuck_after,
         )
-        result = LoadResult(self, report)
+        result = LoadResult(self, report, wall_seconds=round(time.time() - self._started, 1))
         result.write(self.output_dir)
         self._ledger.dispose()
         self.sessions.dispose()
@@ -382,6 +382,7 @@ def _n(value: int | None) -> str:
 class LoadResult:
     runner: LoadRunner
     report: Report
+    wall_seconds: float  # taken once, so summary.json and the printed summary agree
 
     def summary(self) -> dict[str, Any]:
         runner = self.runner
@@ -390,7 +391,7 @@ class LoadResult:
             "load_id": runner.load_id,
             "scenario": runner.plan.scenario,
             "parameters": runner.plan.parameters,
-            "wall_seconds": round(time.time() - runner._started, 1),
+            "wall_seconds": self.wall_seconds,
             "faults": {
                 kind: sum(1 for m in runner.faults.marks if m.kind == kind)
                 for kind in sorted({m.kind for m in runner.faults.marks})
