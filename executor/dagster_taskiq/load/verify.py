@@ -298,6 +298,12 @@ def verify(
     for row in body_rows:
         execution_rows[(row["run_id"], row["step_key"], row["retry_number"])].append(row)
 
+    # Every attempt either record knows of, by run and step.
+    attempts_of: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for run_id, step_key, attempt in [*by_attempt, *execution_rows]:
+        attempts_of[run_id][step_key].add(attempt)
+    killed = session.killed_pids
+
     runs: list[RunReport] = []
     steps: list[StepAttemptReport] = []
     now = time.time()
@@ -305,13 +311,10 @@ def verify(
         run = record.dagster_run
         run_id = run.run_id
         endings = _endings(instance, run_id)
-        keys = {k for (rid, k, _) in by_attempt if rid == run_id}
-        keys |= {k for (rid, k, _) in execution_rows if rid == run_id} | set(endings)
+        keys = set(attempts_of[run_id]) | set(endings)
         run_steps: list[StepAttemptReport] = []
         for step_key in sorted(keys):
-            attempts = {a for (rid, k, a) in by_attempt if rid == run_id and k == step_key}
-            attempts |= {a for (rid, k, a) in execution_rows if rid == run_id and k == step_key}
-            for attempt in sorted(attempts) or [0]:
+            for attempt in sorted(attempts_of[run_id].get(step_key, ())) or [0]:
                 run_steps.append(
                     _step_report(
                         run_id,
@@ -320,7 +323,7 @@ def verify(
                         by_attempt.get((run_id, step_key, attempt)),
                         execution_rows.get((run_id, step_key, attempt), []),
                         _attempt_endings(endings.get(step_key, []), attempt),
-                        session.killed_pids,
+                        killed,
                     )
                 )
         expected = EXPECTED_STATUS.get(run.job_name, DagsterRunStatus.SUCCESS.value)
