@@ -172,16 +172,27 @@ class Evaluation:
 
 
 class Scaler:
+    """Sizes one worker service from the queues it serves.
+
+    A worker pool may read several queues (its step queue and a high-priority lane): the
+    backlog is the sum of their depths, and the busy workers the live leases on any of them.
+    """
+
     def __init__(
         self,
         *,
-        queue: SqsQueue,
+        queues: Sequence[SqsQueue],
         ledger: Ledger,
         service: WorkerService,
         config: ScalingConfig,
         history: HistoryStore | None = None,
     ) -> None:
-        self.queue = queue
+        urls = [queue.url for queue in queues]
+        if not urls:
+            raise ValueError("The scaler needs at least one queue")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"The scaler's queues must differ, got {urls}")
+        self.queues = tuple(queues)
         self.ledger = ledger
         self.service = service
         self.config = config
@@ -194,15 +205,18 @@ class Scaler:
         self.history.ensure_schema()
 
     def read_signals(self) -> QueueSignals:
-        """Each signal separately: one that cannot be read is None, and the policy holds."""
+        """Each signal separately, summed over the queues: a signal that cannot be read on
+        every queue is None, and the policy holds."""
         visible = delayed = in_flight = live = None
         try:
-            depth = self.queue.depth()
-            visible, delayed, in_flight = depth.visible, depth.delayed, depth.in_flight
+            depths = [queue.depth() for queue in self.queues]
+            visible = sum(depth.visible for depth in depths)
+            delayed = sum(depth.delayed for depth in depths)
+            in_flight = sum(depth.in_flight for depth in depths)
         except QueueUnavailable as e:
             log.warning("Queue depth unreadable: %s", e)
         try:
-            live = self.ledger.live_leases(self.queue.url)
+            live = sum(self.ledger.live_leases(queue.url) for queue in self.queues)
         except LedgerUnavailable as e:
             log.warning("Live leases unreadable: %s", e)
         return QueueSignals(visible=visible, delayed=delayed, in_flight=in_flight, live_leases=live)
@@ -276,16 +290,36 @@ def _required(environ: Mapping[str, str], name: str) -> str:
     return value
 
 
+def _queue_urls(raw: str) -> tuple[str, ...]:
+    urls = tuple(part.strip() for part in raw.split(","))
+    if not all(urls):
+        raise ConfigurationError(
+            f"{ENV_QUEUE_URL} must be one or more comma-separated queue URLs, got {raw!r}"
+        )
+    if len(set(urls)) != len(urls):
+        raise ConfigurationError(f"{ENV_QUEUE_URL} names a queue twice: {raw!r}")
+    return urls
+
+
 @dataclass(frozen=True)
 class ScalerSettings:
-    """The scaler Lambda's configuration, from its environment."""
+    """The scaler Lambda's configuration, from its environment.
 
-    queue_url: str
+    ``DAGSTER_TASKIQ_QUEUE_URL`` names the queues of one worker pool, comma-separated: its
+    step queue first, then its high-priority lane if it has one.
+    """
+
+    queue_urls: tuple[str, ...]
     database_url: str
     cluster: str
     service: str
     config: ScalingConfig
     evaluations_per_invocation: int = 3
+
+    @property
+    def queue_url(self) -> str:
+        """The pool's step queue (the first of its queues)."""
+        return self.queue_urls[0]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ScalerSettings:
@@ -305,7 +339,7 @@ class ScalerSettings:
         except ValueError as e:
             raise ConfigurationError(str(e)) from e
         return cls(
-            queue_url=_required(environ, ENV_QUEUE_URL),
+            queue_urls=_queue_urls(_required(environ, ENV_QUEUE_URL)),
             # Its password, if not in it, is resolved when the scaler is built.
             database_url=_required(environ, ENV_DATABASE_URL),
             cluster=_required(environ, ENV_ECS_CLUSTER),
@@ -323,8 +357,8 @@ def build_scaler(settings: ScalerSettings, *, ecs_client: ECSClient | None = Non
     service = EcsWorkerService(
         ecs_client or boto3.client("ecs"), cluster=settings.cluster, service=settings.service
     )
-    scaler = Scaler(
-        queue=SqsQueue(settings.queue_url), ledger=ledger, service=service, config=settings.config
-    )
+    first = SqsQueue(settings.queue_urls[0])
+    queues = [first, *(SqsQueue(url, client=first.client) for url in settings.queue_urls[1:])]
+    scaler = Scaler(queues=queues, ledger=ledger, service=service, config=settings.config)
     scaler.ensure_schema()
     return scaler

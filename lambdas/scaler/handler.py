@@ -1,5 +1,8 @@
 """The scaler Lambda: every minute (and when the executor asks), size the worker service.
 
+One function per worker pool: it reads the pool's queues (``DAGSTER_TASKIQ_QUEUE_URL``,
+comma-separated: the step queue, then the high-priority lane) and sets the pool's service.
+
 A thin shell: configuration from the environment, then ``Scaler.evaluate`` (plain,
 tested logic in ``dagster_taskiq.scaler``). A scheduled invocation evaluates several
 times inside its minute so the reaction time is below the schedule's; an invocation

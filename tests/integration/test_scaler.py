@@ -16,7 +16,8 @@ import pytest
 
 from dagster_taskiq.ledger import Ledger
 from dagster_taskiq.queue import SqsQueue, create_queue_with_dlq, sqs_client
-from dagster_taskiq.scaler import HistoryStore
+from dagster_taskiq.scaler import HistoryStore, Scaler, ScalerSettings
+from dagster_taskiq.settings import ConfigurationError
 from lambdas.scaler import handler
 from tests.helpers import LambdaContext
 
@@ -38,9 +39,23 @@ class ScalerWorld:
     def set_desired(self, count: int) -> None:
         self.ecs.update_service(cluster=self.cluster, service=self.service, desiredCount=count)
 
-    def send(self, count: int) -> None:
+    def send(self, count: int, queue: SqsQueue | None = None) -> None:
         for _ in range(count):
-            self.queue.send('{"not": "a step"}')
+            (queue or self.queue).send('{"not": "a step"}')
+
+    def lease(self, queue: SqsQueue) -> None:
+        """A step running under a live lease, sent to ``queue``."""
+        key = f"{uuid.uuid4()}:step:0"
+        self.ledger.enqueue(
+            key,
+            run_id="r",
+            step_key="step",
+            attempt=0,
+            payload_hash="h",
+            ttl_seconds=60,
+            queue_url=queue.url,
+        )
+        self.ledger.claim(key, worker_id="w", lease_seconds=60, payload_hash="h")
 
     def invoke(self, event: dict[str, Any] | None = None) -> dict[str, Any]:
         result: dict[str, Any] = handler.lambda_handler(
@@ -136,17 +151,7 @@ def test_the_window_survives_a_cold_start(world: ScalerWorld) -> None:
 def test_never_below_the_workers_running_leased_steps(world: ScalerWorld) -> None:
     world.set_desired(3)
     for _ in range(3):
-        key = f"{uuid.uuid4()}:step:0"
-        world.ledger.enqueue(
-            key,
-            run_id="r",
-            step_key="step",
-            attempt=0,
-            payload_hash="h",
-            ttl_seconds=60,
-            queue_url=world.queue.url,
-        )
-        world.ledger.claim(key, worker_id="w", lease_seconds=60, payload_hash="h")
+        world.lease(world.queue)
     time.sleep(2.5)
     assert world.invoke()["decisions"] == [{"desired": 3, "reason": "hold"}]
 
@@ -192,3 +197,141 @@ def test_a_triggered_invocation_evaluates_once_and_at_once(
     result = world.invoke({"source": "dagster-taskiq.executor"})
     assert time.monotonic() - started < 10
     assert result["decisions"] == [{"desired": 1, "reason": "scale_from_zero"}]
+
+
+# -- a pool with two queues: its step queue and a high-priority lane ---------------------------
+
+
+@pytest.fixture
+def lane(world: ScalerWorld, monkeypatch: pytest.MonkeyPatch) -> SqsQueue:
+    """A second queue for the world's pool; the scaler is configured with both."""
+    client = world.queue.client
+    lane_url, _ = create_queue_with_dlq(
+        client,
+        f"{world.service}-priority",
+        visibility_timeout=30,
+        message_retention=3600,
+        max_receive_count=5,
+    )
+    monkeypatch.setenv("DAGSTER_TASKIQ_QUEUE_URL", f"{world.queue.url},{lane_url}")
+    handler._scaler.cache_clear()
+    return SqsQueue(lane_url, client=client)
+
+
+def _drain(queue: SqsQueue) -> None:
+    while messages := queue.receive(max_messages=10, wait_seconds=0, visibility_timeout=30):
+        for message in messages:
+            queue.delete(message.receipt_handle)
+
+
+def test_a_pool_reads_every_queue_it_is_given(world: ScalerWorld, lane: SqsQueue) -> None:
+    scaler, settings = handler._scaler()
+    assert settings.queue_urls == (world.queue.url, lane.url)
+    assert settings.queue_url == world.queue.url
+    assert [queue.url for queue in scaler.queues] == [world.queue.url, lane.url]
+
+
+def test_the_backlog_is_the_sum_of_the_pools_queues(world: ScalerWorld, lane: SqsQueue) -> None:
+    world.send(6)
+    world.send(6, lane)
+    assert world.invoke()["decisions"] == [{"desired": 3, "reason": "scale_from_zero"}]
+    assert world.desired() == 3
+    signals = handler._scaler()[0].read_signals()
+    assert (signals.visible, signals.delayed, signals.in_flight) == (12, 0, 0)
+
+
+def test_a_message_on_the_lane_alone_scales_from_zero(world: ScalerWorld, lane: SqsQueue) -> None:
+    world.send(1, lane)
+    assert world.invoke()["decisions"] == [{"desired": 1, "reason": "scale_from_zero"}]
+
+
+def test_messages_in_flight_on_the_lane_count(world: ScalerWorld, lane: SqsQueue) -> None:
+    world.send(4)
+    world.send(7, lane)
+    received = lane.receive(max_messages=7, wait_seconds=0, visibility_timeout=30)
+    assert received
+    signals = handler._scaler()[0].read_signals()
+    assert signals.visible == 11 - len(received)
+    assert signals.in_flight == len(received)
+
+
+def test_live_leases_on_either_queue_keep_their_workers(world: ScalerWorld, lane: SqsQueue) -> None:
+    world.set_desired(4)
+    # Two steps leased from the step queue and two from the lane: four busy workers (one step
+    # per worker here). A lease on another pool's queue is not this pool's.
+    for queue in (world.queue, world.queue, lane, lane):
+        world.lease(queue)
+    world.lease(SqsQueue(f"{world.queue.url}-other-pool", client=world.queue.client))
+    assert handler._scaler()[0].read_signals().live_leases == 4
+    time.sleep(2.5)
+    assert world.invoke()["decisions"] == [{"desired": 4, "reason": "hold"}]
+
+
+def test_the_scale_in_window_sees_both_queues(world: ScalerWorld, lane: SqsQueue) -> None:
+    world.send(10, lane)
+    assert world.invoke()["decisions"][0]["desired"] == 2
+    _drain(lane)
+    world.send(1)  # the step queue still has work: scale in only to what it needs
+    time.sleep(2.5)
+    assert world.invoke()["decisions"] == [{"desired": 1, "reason": "scale_in"}]
+
+
+def test_one_unreadable_queue_keeps_the_count(world: ScalerWorld, lane: SqsQueue) -> None:
+    world.set_desired(3)
+    world.send(20)
+    lane.client.delete_queue(QueueUrl=lane.url)
+    handler._scaler.cache_clear()
+    # Half the backlog is no backlog: nothing changes until every queue can be read.
+    assert world.invoke()["decisions"] == [{"desired": 3, "reason": "unreadable"}]
+    assert world.desired() == 3
+    signals = handler._scaler()[0].read_signals()
+    assert (signals.visible, signals.delayed, signals.in_flight) == (None, None, None)
+    assert signals.live_leases == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "urls"),
+    [
+        ("https://sqs/1/a", ("https://sqs/1/a",)),
+        ("https://sqs/1/a,https://sqs/1/b", ("https://sqs/1/a", "https://sqs/1/b")),
+        (" https://sqs/1/a , https://sqs/1/b ", ("https://sqs/1/a", "https://sqs/1/b")),
+    ],
+)
+def test_queue_urls_are_comma_separated(raw: str, urls: tuple[str, ...]) -> None:
+    settings = ScalerSettings.from_env(_scaler_environment(raw))
+    assert settings.queue_urls == urls
+    assert settings.queue_url == urls[0]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("https://sqs/1/a,", "one or more comma-separated queue URLs"),
+        ("https://sqs/1/a,,https://sqs/1/b", "one or more comma-separated queue URLs"),
+        ("https://sqs/1/a,https://sqs/1/a", "names a queue twice"),
+        ("", "needs DAGSTER_TASKIQ_QUEUE_URL"),
+    ],
+)
+def test_queue_url_lists_are_checked(raw: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        ScalerSettings.from_env(_scaler_environment(raw))
+
+
+def _scaler_environment(queue_urls: str) -> dict[str, str]:
+    return {
+        "DAGSTER_TASKIQ_QUEUE_URL": queue_urls,
+        "DAGSTER_TASKIQ_DATABASE_URL": "postgresql+pg8000://u@db/dagster",
+        "DAGSTER_TASKIQ_ECS_CLUSTER": "cluster",
+        "DAGSTER_TASKIQ_ECS_SERVICE": "service",
+    }
+
+
+def test_a_scaler_needs_distinct_queues(world: ScalerWorld) -> None:
+    built, _ = handler._scaler()
+    service, config = built.service, built.config
+    with pytest.raises(ValueError, match="at least one queue"):
+        Scaler(queues=[], ledger=world.ledger, service=service, config=config)
+    with pytest.raises(ValueError, match="must differ"):
+        Scaler(
+            queues=[world.queue, world.queue], ledger=world.ledger, service=service, config=config
+        )

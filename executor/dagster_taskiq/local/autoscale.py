@@ -52,7 +52,7 @@ class LocalAutoscaler:
         self.pool = pool
         self.ledger = Ledger(stack.database_url, pool_size=1)
         self.scaler = Scaler(
-            queue=SqsQueue(queue_url or stack.queue_url, endpoint_url=stack.sqs_endpoint),
+            queues=[SqsQueue(queue_url or stack.queue_url, endpoint_url=stack.sqs_endpoint)],
             ledger=self.ledger,
             service=LocalWorkerService(pool, f"local/{stack.queue_url.rsplit('/', 1)[-1]}"),
             config=config,
