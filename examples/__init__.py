@@ -1,0 +1,1 @@
+"""Examples of dagster-taskiq in use."""

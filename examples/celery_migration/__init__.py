@@ -1,0 +1,1 @@
+"""A job migrated from dagster-celery: see docs/migrating-from-celery.md."""
