@@ -20,6 +20,7 @@ from dagster import (
 
 from dagster_taskiq import taskiq_executor
 from dagster_taskiq.load import executions
+from dagster_taskiq.routing import PRIORITY_TAG, QUEUE_TAG, RUN_PRIORITY_TAG
 
 
 def record(context: OpExecutionContext, phase: str) -> None:
@@ -162,3 +163,83 @@ def kills_its_worker(context: OpExecutionContext) -> None:
 @job(executor_def=taskiq_executor)
 def killer_job() -> None:
     kills_its_worker()
+
+
+# -- routing and priorities ---------------------------------------------------------------
+
+
+@op(tags={QUEUE_TAG: "highmem"})
+def on_highmem(context: OpExecutionContext) -> str:
+    record(context, "start")
+    return "highmem"
+
+
+@op
+def on_default(context: OpExecutionContext) -> str:
+    record(context, "start")
+    return "default"
+
+
+@job(executor_def=taskiq_executor)
+def routed_job() -> None:
+    on_default()
+    on_highmem()
+
+
+@op(tags={QUEUE_TAG: "nowhere"})
+def misrouted(context: OpExecutionContext) -> None:
+    record(context, "start")
+
+
+@job(executor_def=taskiq_executor)
+def misrouted_job() -> None:
+    misrouted()
+    on_default()
+
+
+def _recording_ops(prefix: str, count: int) -> list[Any]:
+    def make(name: str) -> Any:
+        @op(name=name)
+        def _op(context: OpExecutionContext) -> None:
+            record(context, "start")
+
+        return _op
+
+    return [make(f"{prefix}_{i}") for i in range(count)]
+
+
+BACKGROUND_OPS = _recording_ops("background", 6)
+URGENT_OPS = _recording_ops("urgent", 6)
+
+
+@job(executor_def=taskiq_executor)
+def background_job() -> None:
+    for background_op in BACKGROUND_OPS:
+        background_op()
+
+
+@job(executor_def=taskiq_executor, tags={RUN_PRIORITY_TAG: "5"})
+def urgent_job() -> None:
+    for urgent_op in URGENT_OPS:
+        urgent_op()
+
+
+@op(tags={PRIORITY_TAG: "soon"})
+def badly_prioritized(context: OpExecutionContext) -> None:
+    record(context, "start")
+
+
+@job(executor_def=taskiq_executor)
+def bad_priority_job() -> None:
+    badly_prioritized()
+
+
+# -- many trivial steps (FIFO ordering and deduplication) ---------------------------------
+
+FANOUT_OPS = _recording_ops("leaf", 5)
+
+
+@job(executor_def=taskiq_executor)
+def fanout_job() -> None:
+    for leaf in FANOUT_OPS:
+        leaf()

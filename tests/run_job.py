@@ -20,7 +20,11 @@ def main() -> int:
     instance = DagsterInstance.get()
     recon_job = reconstructable(job_def)
     run = instance.create_run_for_job(
-        job_def, run_config=run_config, job_code_origin=recon_job.get_python_origin()
+        job_def,
+        run_config=run_config,
+        # The job's tags become the run's, as execute_job and the launchpad do.
+        tags=job_def.run_tags,
+        job_code_origin=recon_job.get_python_origin(),
     )
     print(f"RUN_ID {run.run_id}", flush=True)
     result = execute_run(recon_job, run, instance)

@@ -18,6 +18,7 @@ from dagster_taskiq.settings import (
     ENV_CONCURRENCY,
     ENV_DATABASE_URL,
     ENV_ENDPOINT_URL,
+    ENV_PRIORITY_QUEUE_URL,
     ENV_QUEUE_URL,
     ENV_REGION,
     ENV_SIGNING_KEY,
@@ -39,8 +40,34 @@ def cli() -> None:
     """A Dagster executor on warm ECS Fargate workers fed by SQS."""
 
 
+def _urls(given: tuple[str, ...], env_var: str) -> tuple[str, ...]:
+    if given:
+        return given
+    return tuple(u.strip() for u in os.environ.get(env_var, "").split(",") if u.strip())
+
+
 @cli.command()
-@click.option("--queue-url", envvar=ENV_QUEUE_URL, required=True, help=f"[${ENV_QUEUE_URL}]")
+@click.option(
+    "--queue-url",
+    "queue_urls",
+    multiple=True,
+    help=f"Queue to consume; repeatable. [${ENV_QUEUE_URL}, comma-separated]",
+)
+@click.option(
+    "--priority-queue-url",
+    "priority_queue_urls",
+    multiple=True,
+    help="Priority lane to consume first; repeatable. "
+    f"[${ENV_PRIORITY_QUEUE_URL}, comma-separated]",
+)
+@click.option(
+    "--priority-ratio",
+    type=click.IntRange(1, 100),
+    default=3,
+    show_default=True,
+    help="Receives that serve the priority lanes first for each one that serves the other "
+    "queues first, so that they are never starved.",
+)
 @click.option(
     "--concurrency",
     envvar=ENV_CONCURRENCY,
@@ -93,7 +120,9 @@ def cli() -> None:
 )
 @click.option("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, show_default=True)
 def worker(
-    queue_url: str,
+    queue_urls: tuple[str, ...],
+    priority_queue_urls: tuple[str, ...],
+    priority_ratio: int,
     concurrency: int,
     database_url: str | None,
     code_locations: tuple[str, ...],
@@ -105,7 +134,7 @@ def worker(
     stop_timeout: float,
     max_message_bytes: int,
 ) -> None:
-    """Run steps from QUEUE_URL in warm step processes."""
+    """Run steps from the given queues in warm step processes."""
     from dagster_taskiq.worker.config import CodeLocation, WorkerSettings
     from dagster_taskiq.worker.run import run_worker
 
@@ -117,9 +146,17 @@ def worker(
             "No code location: pass --code-location MODULE_OR_FILE (repeatable) or set "
             f"{ENV_CODE_LOCATIONS}. A worker runs only jobs from the code it is given."
         )
+    queues = _urls(queue_urls, ENV_QUEUE_URL)
+    lanes = _urls(priority_queue_urls, ENV_PRIORITY_QUEUE_URL)
+    if not queues and not lanes:
+        raise click.UsageError(
+            f"No queue: pass --queue-url URL (repeatable) or set {ENV_QUEUE_URL}."
+        )
     try:
         settings = WorkerSettings(
-            queue_url=queue_url,
+            queue_urls=queues,
+            priority_queue_urls=lanes,
+            priority_ratio=priority_ratio,
             database_url=database_url or "",
             code_locations=locations,
             region=aws_region,
@@ -132,7 +169,7 @@ def worker(
             max_message_bytes=max_message_bytes,
         )
         sys.exit(run_worker(settings))
-    except ConfigurationError as e:
+    except (ConfigurationError, ValueError) as e:
         raise click.ClickException(str(e)) from e
 
 

@@ -13,9 +13,13 @@ from typing import TYPE_CHECKING, Any
 from dagster import (
     DagsterError,
     DagsterEvent,
+    Enum,
+    EnumValue,
     Field,
     IntSource,
+    Map,
     Noneable,
+    Shape,
     StringSource,
     executor,
 )
@@ -35,6 +39,15 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from dagster_taskiq.ledger import Ledger, LedgerUnavailable
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue, sqs_client
+from dagster_taskiq.routing import (
+    DEFAULT_PRIORITY_THRESHOLD,
+    DEFAULT_QUEUE,
+    PRIORITY_TAG,
+    QUEUE_TAG,
+    RUN_PRIORITY_TAG,
+    QueueRoute,
+    Routing,
+)
 from dagster_taskiq.scale_trigger import ScaleOutTrigger
 from dagster_taskiq.scaler import EcsWorkerService
 from dagster_taskiq.settings import (
@@ -48,6 +61,7 @@ from dagster_taskiq.settings import (
     ENV_ECS_CLUSTER,
     ENV_ECS_SERVICE,
     ENV_ENDPOINT_URL,
+    ENV_PRIORITY_QUEUE_URL,
     ENV_QUEUE_URL,
     ENV_REGION,
     ENV_SCALER_FUNCTION,
@@ -68,6 +82,56 @@ TASKIQ_EXECUTOR_CONFIG = {
         StringSource,
         is_required=False,
         description=f"URL of the SQS queue steps are sent to. Default: ${ENV_QUEUE_URL}.",
+    ),
+    "priority_queue_url": Field(
+        StringSource,
+        is_required=False,
+        description="The default queue's priority lane: steps whose priority reaches "
+        f"`priority_threshold` are sent there. Default: ${ENV_PRIORITY_QUEUE_URL}; unset: none.",
+    ),
+    "queues": Field(
+        Map(  # type: ignore[no-untyped-call]
+            str,
+            Shape(  # type: ignore[no-untyped-call]
+                {
+                    "url": Field(StringSource, description="URL of the SQS queue."),
+                    "priority_url": Field(
+                        StringSource,
+                        is_required=False,
+                        description="Its priority lane, if it has one.",
+                    ),
+                    "scaler_function": Field(
+                        StringSource,
+                        is_required=False,
+                        description="The scaler Lambda of the worker pool on this queue.",
+                    ),
+                    "ecs_service": Field(
+                        StringSource,
+                        is_required=False,
+                        description="The worker service on this queue (in `ecs_cluster`).",
+                    ),
+                }
+            ),
+            key_label_name="queue_name",
+        ),
+        default_value={},
+        description=f"Named queues, for the `{QUEUE_TAG}` op or job tag. The queue named "
+        f"`{DEFAULT_QUEUE}` is `queue_url` unless given here.",
+    ),
+    "priority_threshold": Field(
+        int,
+        default_value=DEFAULT_PRIORITY_THRESHOLD,
+        description=f"A step whose priority (`{PRIORITY_TAG}` on the op plus "
+        f"`{RUN_PRIORITY_TAG}` on the run; Dagster's `dagster/priority` where they are "
+        "absent) is at least this goes to its queue's priority lane, if it has one.",
+    ),
+    "fifo_message_group": Field(
+        Enum("FifoMessageGroup", [EnumValue("run"), EnumValue("step")]),
+        default_value="run",
+        description="On a FIFO queue (URL ending in .fifo), the message group: `run` delivers "
+        "a run's steps in launch order and holds the rest of a run back while one is being "
+        "received; `step` lets a run's steps run in parallel. Deduplication is by "
+        "idempotency key either way.",
     ),
     "aws_region": Field(
         StringSource,
@@ -204,26 +268,23 @@ class TaskiqExecutorConfigError(DagsterError):
 
 @dataclass(frozen=True)
 class ExecutorSettings:
-    queue_url: str
+    routing: Routing
     region: str
     endpoint_url: str | None
     database_url: str
     launch: LaunchSettings
     message_retention: int
     max_receive_count: int
-    scaler_function: str | None = None
     ecs_cluster: str | None = None
-    ecs_service: str | None = None
     scale_out_debounce: int = 30
+
+    @property
+    def queue_url(self) -> str:
+        """The default queue."""
+        return self.routing.routes[DEFAULT_QUEUE].url
 
     @classmethod
     def resolve(cls, config: dict[str, Any], instance: DagsterInstance) -> ExecutorSettings:
-        queue_url = env_or(config.get("queue_url"), ENV_QUEUE_URL)
-        if not queue_url:
-            raise ConfigurationError(
-                "taskiq_executor has no queue URL: set `queue_url` in the executor config "
-                f"(a string or {{env: VAR}}) or the environment variable {ENV_QUEUE_URL}."
-            )
         url = database_url(config.get("database_url"), os.environ)
         url = url or _instance_postgres_url(instance)
         if not url:
@@ -234,7 +295,7 @@ class ExecutorSettings:
             )
         region = env_or(config.get("aws_region"), ENV_REGION) or env_or(None, "AWS_REGION")
         return cls(
-            queue_url=queue_url,
+            routing=_routing(config),
             region=region or DEFAULT_REGION,
             endpoint_url=env_or(config.get("endpoint_url"), ENV_ENDPOINT_URL),
             database_url=url,
@@ -248,11 +309,71 @@ class ExecutorSettings:
             ),
             message_retention=config["message_retention"],
             max_receive_count=config["max_receive_count"],
-            scaler_function=env_or(config.get("scaler_function"), ENV_SCALER_FUNCTION),
             ecs_cluster=env_or(config.get("ecs_cluster"), ENV_ECS_CLUSTER),
-            ecs_service=env_or(config.get("ecs_service"), ENV_ECS_SERVICE),
             scale_out_debounce=config["scale_out_debounce"],
         )
+
+
+def _routing(config: dict[str, Any]) -> Routing:
+    """The named queues: ``queue_url`` (and its lane) is the one named ``default``."""
+    named: dict[str, dict[str, Any]] = {k: dict(v) for k, v in config.get("queues", {}).items()}
+    queue_url = env_or(config.get("queue_url"), ENV_QUEUE_URL)
+    given = named.get(DEFAULT_QUEUE)
+    if given is None:
+        if not queue_url:
+            raise ConfigurationError(
+                "taskiq_executor has no queue URL: set `queue_url` in the executor config "
+                f"(a string or {{env: VAR}}), the environment variable {ENV_QUEUE_URL}, or "
+                f"a queue named `{DEFAULT_QUEUE}` under `queues`."
+            )
+        given = {
+            "url": queue_url,
+            "priority_url": env_or(config.get("priority_queue_url"), ENV_PRIORITY_QUEUE_URL),
+        }
+    elif config.get("queue_url") and config["queue_url"] != given["url"]:
+        raise ConfigurationError(
+            f"taskiq_executor has two default queues: `queue_url` ({config['queue_url']}) and "
+            f"`queues.{DEFAULT_QUEUE}.url` ({given['url']}). Set one of them."
+        )
+    # The top-level scaler settings are the default queue's worker pool's.
+    given.setdefault("scaler_function", None)
+    given.setdefault("ecs_service", None)
+    given["scaler_function"] = given["scaler_function"] or env_or(
+        config.get("scaler_function"), ENV_SCALER_FUNCTION
+    )
+    given["ecs_service"] = given["ecs_service"] or env_or(
+        config.get("ecs_service"), ENV_ECS_SERVICE
+    )
+    named[DEFAULT_QUEUE] = given
+    routes = {}
+    for name, entry in named.items():
+        if not name.strip():
+            raise ConfigurationError("taskiq_executor: a queue under `queues` has an empty name.")
+        for field in ("url", "priority_url"):
+            value = entry.get(field)
+            if value is not None and not value.startswith(("https://", "http://")):
+                raise ConfigurationError(
+                    f"taskiq_executor: queue {name!r} has {field} {value!r}, which is not an "
+                    "SQS queue URL (https://sqs.<region>.amazonaws.com/<account>/<name>)."
+                )
+        lane = entry.get("priority_url")
+        if lane is not None and lane.endswith(".fifo") != entry["url"].endswith(".fifo"):
+            raise ConfigurationError(
+                f"taskiq_executor: queue {name!r} and its priority lane must both be FIFO "
+                "queues or both standard queues."
+            )
+        routes[name] = QueueRoute(
+            name=name,
+            url=entry["url"],
+            priority_url=lane,
+            scaler_function=entry.get("scaler_function"),
+            ecs_service=entry.get("ecs_service"),
+        )
+    return Routing(
+        routes=routes,
+        priority_threshold=config.get("priority_threshold", DEFAULT_PRIORITY_THRESHOLD),
+        fifo_group=config.get("fifo_message_group", "run"),
+    )
 
 
 def _instance_postgres_url(instance: DagsterInstance) -> str | None:
@@ -271,9 +392,10 @@ def _shared_sqs_client(region: str, endpoint_url: str | None) -> SQSClient:
     return sqs_client(region=region, endpoint_url=endpoint_url)
 
 
-def connect(settings: ExecutorSettings) -> tuple[SqsQueue, Ledger]:
-    """Reach the ledger and the queue now, so a wrong setting fails the run at start;
-    an outage shorter than ``unreachable_retry_seconds`` is ridden out."""
+def connect(settings: ExecutorSettings) -> tuple[dict[str, SqsQueue], Ledger]:
+    """Reach the ledger and every queue now, so a wrong setting fails the run at start;
+    an outage shorter than ``unreachable_retry_seconds`` is ridden out. Returns the
+    queues by URL."""
     deadline = time.monotonic() + settings.launch.retry_seconds
     ledger = _shared_ledger(settings.database_url)
     try:
@@ -283,43 +405,65 @@ def connect(settings: ExecutorSettings) -> tuple[SqsQueue, Ledger]:
             f"taskiq_executor cannot reach its ledger. {e}. Check `database_url` "
             f"(or {ENV_DATABASE_URL}) and that the database accepts connections."
         ) from e
-    queue = SqsQueue(
-        settings.queue_url, client=_shared_sqs_client(settings.region, settings.endpoint_url)
-    )
-    try:
-        attributes = retry_while_unreachable(queue.attributes, deadline)
-    except QueueUnavailable as e:
-        raise ConfigurationError(
-            f"taskiq_executor cannot reach its queue: {e}. Check `queue_url`, `aws_region` "
-            "and `endpoint_url`, and that this process may call sqs:GetQueueAttributes."
-        ) from e
-    _warn_on_queue_mismatch(settings, attributes)
-    return queue, ledger
+    client = _shared_sqs_client(settings.region, settings.endpoint_url)
+    queues: dict[str, SqsQueue] = {}
+    for route in settings.routing.routes.values():
+        for url in route.urls:
+            if url in queues:
+                continue
+            queue = SqsQueue(url, client=client)
+            try:
+                attributes = retry_while_unreachable(queue.attributes, deadline)
+            except QueueUnavailable as e:
+                where = "`queue_url`" if route.name == DEFAULT_QUEUE else f"`queues.{route.name}`"
+                raise ConfigurationError(
+                    f"taskiq_executor cannot reach its queue {route.name!r}: {e}. Check {where}, "
+                    "`aws_region` and `endpoint_url`, and that this process may call "
+                    "sqs:GetQueueAttributes on it."
+                ) from e
+            _warn_on_queue_mismatch(settings, url, attributes)
+            queues[url] = queue
+    return queues, ledger
 
 
-def scale_out_trigger(settings: ExecutorSettings) -> ScaleOutTrigger | None:
-    if not settings.scaler_function:
-        return None
+def scale_out_triggers(settings: ExecutorSettings) -> dict[str, ScaleOutTrigger]:
+    """The scale-from-zero trigger of each queue (and lane) whose pool names a scaler."""
+    triggers: dict[str, ScaleOutTrigger] = {}
+    by_function: dict[tuple[str, str | None], ScaleOutTrigger] = {}
+    for route in settings.routing.routes.values():
+        if not route.scaler_function:
+            continue
+        key = (route.scaler_function, route.ecs_service)
+        if key not in by_function:
+            by_function[key] = _trigger(settings, route.scaler_function, route.ecs_service)
+        for url in route.urls:
+            triggers[url] = by_function[key]
+    return triggers
+
+
+def _trigger(settings: ExecutorSettings, function: str, ecs_service: str | None) -> ScaleOutTrigger:
     import boto3
 
     service = None
-    if settings.ecs_cluster and settings.ecs_service:
+    if settings.ecs_cluster and ecs_service:
         ecs = boto3.client("ecs", region_name=settings.region)
-        service = EcsWorkerService(ecs, cluster=settings.ecs_cluster, service=settings.ecs_service)
+        service = EcsWorkerService(ecs, cluster=settings.ecs_cluster, service=ecs_service)
     return ScaleOutTrigger(
-        function_name=settings.scaler_function,
+        function_name=function,
         lambda_client=boto3.client("lambda", region_name=settings.region),
         service=service,
         debounce_seconds=settings.scale_out_debounce,
     )
 
 
-def _warn_on_queue_mismatch(settings: ExecutorSettings, attributes: dict[str, str]) -> None:
+def _warn_on_queue_mismatch(
+    settings: ExecutorSettings, url: str, attributes: dict[str, str]
+) -> None:
     if "RedrivePolicy" not in attributes:
         log.warning(
             "Queue %s has no dead-letter queue: a step that keeps killing its worker will be "
             "redelivered until the message expires.",
-            settings.queue_url,
+            url,
         )
     else:
         deployed = SqsQueue.parse_max_receive_count(attributes["RedrivePolicy"])
@@ -327,7 +471,7 @@ def _warn_on_queue_mismatch(settings: ExecutorSettings, attributes: dict[str, st
             log.warning(
                 "Queue %s moves messages to its DLQ after %s deliveries; the executor "
                 "config says max_receive_count=%s.",
-                settings.queue_url,
+                url,
                 deployed,
                 settings.max_receive_count,
             )
@@ -335,7 +479,7 @@ def _warn_on_queue_mismatch(settings: ExecutorSettings, attributes: dict[str, st
     if retention != settings.message_retention:
         log.warning(
             "Queue %s keeps messages %s s; the executor config says message_retention=%s.",
-            settings.queue_url,
+            url,
             retention,
             settings.message_retention,
         )
@@ -361,15 +505,16 @@ def taskiq_executor(init_context: InitExecutorContext) -> Executor:
     config: dict[str, Any] = dict(init_context.executor_config)
     try:
         settings = ExecutorSettings.resolve(config, init_context.instance)
-        queue, ledger = connect(settings)
+        queues, ledger = connect(settings)
     except ConfigurationError as e:
         raise TaskiqExecutorConfigError(str(e)) from e
     return TaskiqExecutor(
         SqsStepHandler(
-            queue=queue,
+            queues=queues,
+            routing=settings.routing,
             ledger=ledger,
             settings=settings.launch,
-            trigger=scale_out_trigger(settings),
+            triggers=scale_out_triggers(settings),
         ),
         retries=RetryMode.from_config(config["retries"]),
         sleep_seconds=float(config["poll_interval"]),

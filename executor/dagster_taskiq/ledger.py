@@ -132,6 +132,7 @@ class StepRecord:
     run_id: str
     step_key: str
     attempt: int
+    queue_url: str | None
     status: Status
     worker_id: str | None
     fencing_token: int

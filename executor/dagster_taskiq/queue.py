@@ -35,6 +35,7 @@ class ReceivedMessage:
     body: str
     receive_count: int
     sent_timestamp_ms: int
+    queue_url: str = ""  # the queue it was received from
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class SqsQueue:
                 body=m.get("Body", ""),
                 receive_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
                 sent_timestamp_ms=int(m.get("Attributes", {}).get("SentTimestamp", 0)),
+                queue_url=self.url,
             )
             for m in response.get("Messages", [])
         ]

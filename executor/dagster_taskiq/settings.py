@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 ENV_QUEUE_URL = "DAGSTER_TASKIQ_QUEUE_URL"
+# The priority lane(s): served first by workers (comma-separated for a worker).
+ENV_PRIORITY_QUEUE_URL = "DAGSTER_TASKIQ_PRIORITY_QUEUE_URL"
 ENV_DATABASE_URL = "DAGSTER_TASKIQ_DATABASE_URL"
 # The URL may leave the password out: it then comes from one of these, so that it can be
 # injected from Secrets Manager instead of sitting in a plain environment variable.

@@ -14,18 +14,21 @@ from typing import TypeVar
 
 from dagster import DagsterEvent, MetadataValue
 from dagster._core.events import EngineEventData
+from dagster._core.execution.plan.objects import StepFailureData
 from dagster._core.executor.step_delegating import (
     CheckStepHealthResult,
     StepHandler,
     StepHandlerContext,
 )
 from dagster._serdes import serialize_value
+from dagster_shared.error import SerializableErrorInfo
 from dagster_shared.record import copy
 
 from dagster_taskiq.attempts import attempt_outcome
 from dagster_taskiq.ledger import Ledger, LedgerUnavailable, Status
 from dagster_taskiq.messages import StepMessage, encode, idempotency_key
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue
+from dagster_taskiq.routing import Routing, RoutingError
 from dagster_taskiq.scale_trigger import ScaleOutTrigger
 
 T = TypeVar("T")
@@ -82,16 +85,18 @@ class SqsStepHandler(StepHandler):
     def __init__(
         self,
         *,
-        queue: SqsQueue,
+        queues: dict[str, SqsQueue],
+        routing: Routing,
         ledger: Ledger,
         settings: LaunchSettings,
-        trigger: ScaleOutTrigger | None = None,
+        triggers: dict[str, ScaleOutTrigger] | None = None,
     ) -> None:
         super().__init__()
-        self._queue = queue
+        self._queues = queues  # by URL: every queue and lane of the routing
+        self._routing = routing
         self._ledger = ledger
         self._settings = settings
-        self._trigger = trigger
+        self._triggers = triggers or {}
 
     @property
     def name(self) -> str:
@@ -104,7 +109,16 @@ class SqsStepHandler(StepHandler):
 
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
         key, step_key, attempt = self._key(step_handler_context)
-        run_id = step_handler_context.execute_step_args.run_id
+        run = step_handler_context.dagster_run
+        run_id = run.run_id
+        try:
+            destination = self._routing.destination(
+                step_key, step_handler_context.step_tags[step_key], run.tags
+            )
+        except RoutingError as e:
+            yield self._fail_at_launch(step_handler_context, key, step_key, attempt, str(e))
+            return
+        queue = self._queues[destination.url]
         # No secret travels: workers use their own instance, never the run worker's ref.
         args = copy(step_handler_context.execute_step_args, instance_ref=None)
         message = StepMessage.new(
@@ -129,28 +143,66 @@ class SqsStepHandler(StepHandler):
                 attempt=attempt,
                 payload_hash=message.payload_hash,
                 ttl_seconds=self._settings.idempotency_key_ttl,
-                queue_url=self._queue.url,
+                queue_url=queue.url,
             ),
             deadline,
         )
         try:
             message_id = retry_while_unreachable(
-                lambda: self._queue.send(body, group_id=run_id, dedup_id=key), deadline
+                lambda: queue.send(
+                    body,
+                    group_id=self._routing.message_group(run_id, step_key),
+                    dedup_id=key,
+                ),
+                deadline,
             )
         except QueueUnavailable as e:
             if inserted:
                 self._ledger.abandon(key, f"The step message could not be sent: {e}")
             raise
-        if self._trigger is not None:
-            self._trigger.steps_launched()
+        trigger = self._triggers.get(queue.url)
+        if trigger is not None:
+            trigger.steps_launched()
+        lane = " (priority lane)" if destination.in_priority_lane else ""
         yield DagsterEvent.step_worker_starting(
             step_handler_context.get_step_context(step_key),
-            message=f'Queued step "{step_key}" (attempt {attempt + 1}) on {self._queue.url}.',
+            message=f'Queued step "{step_key}" (attempt {attempt + 1}) on queue '
+            f'"{destination.route.name}"{lane}.',
             metadata={
                 "idempotency_key": MetadataValue.text(key),
                 "message_id": MetadataValue.text(message_id),
-                "queue_url": MetadataValue.text(self._queue.url),
+                "queue": MetadataValue.text(destination.route.name),
+                "queue_url": MetadataValue.text(queue.url),
+                "priority": MetadataValue.int(destination.priority),
             },
+        )
+
+    def _fail_at_launch(
+        self, context: StepHandlerContext, key: str, step_key: str, attempt: int, reason: str
+    ) -> DagsterEvent:
+        """The step fails, with the reason, before anything is sent; the run goes on as
+        after any step failure. The ledger records the attempt as failed, for operators
+        and for the health check."""
+        deadline = time.monotonic() + self._settings.retry_seconds
+
+        def record() -> None:
+            self._ledger.enqueue(
+                key,
+                run_id=context.execute_step_args.run_id,
+                step_key=step_key,
+                attempt=attempt,
+                payload_hash="",
+                ttl_seconds=self._settings.idempotency_key_ttl,
+            )
+            self._ledger.abandon(key, reason)
+
+        retry_while_unreachable(record, deadline)
+        return DagsterEvent.step_failure_event(
+            step_context=context.get_step_context(step_key),
+            step_failure_data=StepFailureData(  # type: ignore[no-untyped-call]
+                error=SerializableErrorInfo(message=reason, stack=[], cls_name="RoutingError"),
+                user_failure_data=None,
+            ),
         )
 
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
@@ -171,7 +223,7 @@ class SqsStepHandler(StepHandler):
             if timeout and record.age_seconds > timeout:
                 reason = (
                     f"Step {step_key} was not picked up by any worker within {timeout} s. "
-                    f"Are workers running and consuming {self._queue.url}?"
+                    f"Are workers running and consuming {record.queue_url or 'its queue'}?"
                 )
                 # Only if no worker claimed it meanwhile: a late worker then finds it terminal.
                 if self._ledger.abandon(key, reason):

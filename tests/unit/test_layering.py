@@ -12,6 +12,7 @@ DAGSTER_FREE = [
     "dagster_taskiq.messages",
     "dagster_taskiq.ledger",
     "dagster_taskiq.queue",
+    "dagster_taskiq.routing",
     "dagster_taskiq.settings",
     "dagster_taskiq.observability",
     "dagster_taskiq.worker.attempt_context",

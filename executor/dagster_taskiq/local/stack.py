@@ -227,6 +227,24 @@ class LocalStack:
     def apply_env(self) -> None:
         os.environ.update(self.env())
 
+    def add_queue(
+        self,
+        name: str,
+        *,
+        visibility_timeout: int = 300,
+        max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT,
+    ) -> tuple[str, str]:
+        """Another queue (a ``.fifo`` name makes a FIFO queue) with its own DLQ, for
+        routing and priority lanes. Returns (queue_url, dlq_url)."""
+        base = self.queue_url.rsplit("/", 1)[-1].removesuffix(".fifo")
+        return create_queue_with_dlq(
+            sqs_client(region=REGION, endpoint_url=self.sqs_endpoint),
+            f"{base}-{name}",
+            visibility_timeout=visibility_timeout,
+            message_retention=DEFAULT_MESSAGE_RETENTION,
+            max_receive_count=max_receive_count,
+        )
+
     def worker_pool(self, **kwargs: Any) -> WorkerPool:
         kwargs.setdefault("protection", self.protection)
         pool = WorkerPool(self, **kwargs)
@@ -287,7 +305,7 @@ def local_stack(
             max_receive_count=max_receive_count,
         )
         alert_topic_arn, alerts_queue_url = create_alert_topic(
-            sqs_endpoint, queue_url.rsplit("/", 1)[-1]
+            sqs_endpoint, queue_url.rsplit("/", 1)[-1].removesuffix(".fifo")
         )
         dagster_home = root / "dagster_home"
         write_dagster_yaml(dagster_home, database_url)
@@ -338,6 +356,7 @@ class WorkerPool:
         self,
         stack: LocalStack,
         *,
+        name: str = "worker",
         concurrency: int = 1,
         extra_args: tuple[str, ...] = (),
         extra_env: Mapping[str, str] | None = None,
@@ -345,6 +364,7 @@ class WorkerPool:
         protection: TaskProtectionAgent | None = None,
     ) -> None:
         self.stack = stack
+        self.name = name  # workers are <name>-1, <name>-2, ...; logs/<name>-1.log
         self.concurrency = concurrency
         self.extra_args = extra_args
         self.extra_env = dict(extra_env or {})
@@ -370,7 +390,7 @@ class WorkerPool:
 
     def _start_one(self) -> LocalWorker:
         self._started += 1
-        name = f"worker-{self._started}"
+        name = f"{self.name}-{self._started}"
         log_path = self.stack.root / "logs" / f"{name}.log"
         env = {**os.environ, **self.stack.env()}
         if self.protection is not None:
@@ -445,6 +465,6 @@ class WorkerPool:
 
     def logs(self) -> str:
         chunks = []
-        for path in sorted((self.stack.root / "logs").glob("worker-*.log")):
+        for path in sorted((self.stack.root / "logs").glob(f"{self.name}-*.log")):
             chunks.append(f"--- {path.name}\n{path.read_text(errors='replace')}")
         return "\n".join(chunks)

@@ -7,6 +7,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+from dagster_taskiq.routing import DEFAULT_PRIORITY_RATIO
 from dagster_taskiq.settings import DEFAULT_MAX_MESSAGE_BYTES
 
 
@@ -35,9 +36,12 @@ class CodeLocation:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    queue_url: str
+    queue_urls: tuple[str, ...]
     database_url: str
     code_locations: tuple[CodeLocation, ...]
+    # Received from first (see routing.poll_order); a step may come from any of them.
+    priority_queue_urls: tuple[str, ...] = ()
+    priority_ratio: int = DEFAULT_PRIORITY_RATIO
     region: str | None = None
     endpoint_url: str | None = None
     concurrency: int = 2
@@ -55,3 +59,17 @@ class WorkerSettings:
     # Seconds a cancelled step gets to stop after its interrupt before it is killed.
     cancel_grace: float = 10.0
     worker_id: str = field(default_factory=default_worker_id)
+    # With several queues, each idle round long-polls the first for this long (instead of
+    # wait_seconds), so that a message on another queue waits at most about this long.
+    multi_queue_wait_seconds: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.queue_urls and not self.priority_queue_urls:
+            raise ValueError("a worker needs at least one queue")
+        overlap = set(self.queue_urls) & set(self.priority_queue_urls)
+        if overlap:
+            raise ValueError(f"a queue cannot be both normal and priority: {sorted(overlap)}")
+
+    @property
+    def all_queue_urls(self) -> tuple[str, ...]:
+        return (*self.priority_queue_urls, *self.queue_urls)

@@ -34,6 +34,7 @@ class LeaseState(enum.Enum):
 class Lease:
     key: str
     token: int
+    queue: SqsQueue  # the queue (or lane) the message came from
     receipt_handle: str
     lease_seconds: int
     on_change: Callable[[Lease], None]
@@ -57,14 +58,12 @@ class Heartbeat(threading.Thread):
         self,
         *,
         ledger: Ledger,
-        queue: SqsQueue,
         protection: TaskProtection,
         log: Logger,
         max_interval: float,
     ) -> None:
         super().__init__(name="dagster-taskiq-heartbeat", daemon=True)
         self._ledger = ledger
-        self._queue = queue
         self._protection = protection
         self._log = log
         self._max_interval = max_interval
@@ -122,7 +121,7 @@ class Heartbeat(threading.Thread):
         if now - lease.last_visibility < lease.lease_seconds / 3:
             return
         try:
-            self._queue.change_visibility(lease.receipt_handle, lease.lease_seconds)
+            lease.queue.change_visibility(lease.receipt_handle, lease.lease_seconds)
             lease.last_visibility = now
         except QueueUnavailable as e:
             self._log.warning(

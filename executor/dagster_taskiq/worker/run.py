@@ -34,6 +34,8 @@ def run_worker(settings: WorkerSettings) -> int:
             "worker a Dagster instance with dagster-postgres storage (DAGSTER_HOME)."
         )
     settings = dataclasses.replace(settings, database_url=database_url)
-    queue = SqsQueue(settings.queue_url, region=settings.region, endpoint_url=settings.endpoint_url)
+    urls = settings.all_queue_urls
+    first = SqsQueue(urls[0], region=settings.region, endpoint_url=settings.endpoint_url)
+    queues = {first.url: first, **{url: SqsQueue(url, client=first.client) for url in urls[1:]}}
     ledger = Ledger(database_url, pool_size=settings.concurrency + 2)
-    return Worker(settings, queue=queue, ledger=ledger).run()
+    return Worker(settings, queues=queues, ledger=ledger).run()

@@ -19,7 +19,7 @@ import queue as stdlib_queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import FrameType
 
 from aws_lambda_powertools import Logger
@@ -28,6 +28,7 @@ from dagster_taskiq.ledger import Claim, ClaimOutcome, Ledger, LedgerUnavailable
 from dagster_taskiq.messages import MessageRejected, StepMessage, decode, peek_key
 from dagster_taskiq.observability import MetricUnit, emit_metric
 from dagster_taskiq.queue import QueueUnavailable, ReceivedMessage, SqsQueue
+from dagster_taskiq.routing import poll_order
 from dagster_taskiq.worker.config import WorkerSettings
 from dagster_taskiq.worker.execution import Outcome, StepResult, StepTask, load_step_args
 from dagster_taskiq.worker.heartbeat import Heartbeat, Lease, LeaseState
@@ -124,9 +125,14 @@ class Slot:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, *, queue: SqsQueue, ledger: Ledger) -> None:
+    def __init__(
+        self, settings: WorkerSettings, *, queues: Mapping[str, SqsQueue], ledger: Ledger
+    ) -> None:
         self.settings = settings
-        self.queue = queue
+        missing = set(settings.all_queue_urls) - set(queues)
+        if missing:
+            raise ValueError(f"no SqsQueue for {sorted(missing)}")
+        self.queues = dict(queues)  # by URL
         self.ledger = ledger
         self.log = Logger(service="dagster-taskiq-worker")
         self.log.append_keys(worker_id=settings.worker_id)
@@ -134,7 +140,6 @@ class Worker:
         self.protection = TaskProtection(os.environ.get(ENV_AGENT_URI) or None, self.log)
         self.heartbeat = Heartbeat(
             ledger=ledger,
-            queue=queue,
             protection=self.protection,
             log=self.log,
             max_interval=settings.max_heartbeat_interval,
@@ -150,7 +155,8 @@ class Worker:
         self.log.info(
             "Worker starting",
             extra={
-                "queue_url": self.queue.url,
+                "queue_urls": list(self.settings.queue_urls),
+                "priority_queue_urls": list(self.settings.priority_queue_urls),
                 "concurrency": self.settings.concurrency,
                 "code_locations": [c.target for c in self.settings.code_locations],
                 "signed_messages_only": bool(self.settings.signing_key),
@@ -219,6 +225,7 @@ class Worker:
 
     def _receive_forever(self) -> None:
         backoff = Backoff()
+        round_number = 0
         while not self.stopping.is_set():
             try:
                 first = self._idle.get(timeout=0.5)
@@ -230,12 +237,15 @@ class Worker:
                     idle.append(self._idle.get_nowait())
                 except stdlib_queue.Empty:
                     break
+            order = poll_order(
+                self.settings.priority_queue_urls,
+                self.settings.queue_urls,
+                round_number,
+                self.settings.priority_ratio,
+            )
+            round_number += 1
             try:
-                messages = self.queue.receive(
-                    max_messages=len(idle),
-                    wait_seconds=self.settings.wait_seconds,
-                    visibility_timeout=self.settings.receive_visibility_seconds,
-                )
+                messages = self._receive(order, len(idle))
                 backoff.reset()
             except QueueUnavailable as e:
                 self.log.error(
@@ -251,9 +261,46 @@ class Worker:
             for slot in idle:
                 self._idle.put(slot)
 
+    def _receive(self, order: list[str], wanted: int) -> list[ReceivedMessage]:
+        """At most ``wanted`` messages, from the queues in ``order``.
+
+        One queue: a long poll. Several: an immediate receive from each in turn, and when
+        all are empty a short long-poll of each, so that an idle worker answers any of
+        them within about ``multi_queue_wait_seconds`` per queue.
+        """
+        visibility = self.settings.receive_visibility_seconds
+        if len(order) == 1:
+            return self.queues[order[0]].receive(
+                max_messages=wanted,
+                wait_seconds=self.settings.wait_seconds,
+                visibility_timeout=visibility,
+            )
+        wait = min(self.settings.wait_seconds, self.settings.multi_queue_wait_seconds)
+        messages: list[ReceivedMessage] = []
+        for wait_seconds in (0, wait):
+            for url in order:
+                if len(messages) >= wanted or self.stopping.is_set():
+                    return messages
+                try:
+                    messages += self.queues[url].receive(
+                        max_messages=wanted - len(messages),
+                        wait_seconds=wait_seconds,
+                        visibility_timeout=visibility,
+                    )
+                except QueueUnavailable:
+                    if not messages:
+                        raise
+                    return messages  # run what arrived; the next round reports the fault
+            if messages:
+                break
+        return messages
+
+    def _queue_of(self, received: ReceivedMessage) -> SqsQueue:
+        return self.queues[received.queue_url]
+
     def _give_back(self, received: ReceivedMessage) -> None:
         try:
-            self.queue.change_visibility(received.receipt_handle, 0)
+            self._queue_of(received).change_visibility(received.receipt_handle, 0)
         except QueueUnavailable as e:
             self.log.warning("Could not give a message back", extra={"error": str(e)})
 
@@ -321,6 +368,7 @@ class Worker:
         lease = Lease(
             key=message.idempotency_key,
             token=token,
+            queue=self._queue_of(received),
             receipt_handle=received.receipt_handle,
             lease_seconds=message.lease_seconds,
             on_change=slot.on_lease_change,
@@ -475,7 +523,7 @@ class Worker:
     def _delete(self, received: ReceivedMessage) -> None:
         for attempt in range(3):
             try:
-                self.queue.delete(received.receipt_handle)
+                self._queue_of(received).delete(received.receipt_handle)
                 return
             except QueueUnavailable as e:
                 self.log.warning("Delete failed", extra={"error": str(e), "try": attempt + 1})
@@ -484,7 +532,7 @@ class Worker:
 
     def _hide(self, received: ReceivedMessage, seconds: int) -> None:
         try:
-            self.queue.change_visibility(received.receipt_handle, seconds)
+            self._queue_of(received).change_visibility(received.receipt_handle, seconds)
         except QueueUnavailable as e:
             self.log.warning("Could not change message visibility", extra={"error": str(e)})
 
