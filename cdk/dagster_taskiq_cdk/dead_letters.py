@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aws_cdk import Duration
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
@@ -39,7 +41,7 @@ class DeadLetterFunction(Construct):
         settings: DeploymentSettings,
         vpc: ec2.IVpc,
         subnets: ec2.SubnetSelection,
-        dead_letter_queue: sqs.IQueue,
+        dead_letter_queues: Sequence[sqs.IQueue],
         database: Database,
         topic: sns.ITopic,
         topic_key: kms.IKey,
@@ -67,15 +69,17 @@ class DeadLetterFunction(Construct):
             environment=environment,
         )
         self.function = self.bundled.function
-        # Grants the DLQ's receive, delete, visibility and attribute calls.
-        self.function.add_event_source(
-            event_sources.SqsEventSource(
-                dead_letter_queue,
-                batch_size=BATCH_SIZE,
-                report_batch_item_failures=True,
-                max_concurrency=MAX_CONCURRENCY,
+        # One function for every pool's DLQ (a dead letter carries its step's identity, not its
+        # pool's). Each source grants its DLQ's receive, delete, visibility and attribute calls.
+        for dead_letter_queue in dead_letter_queues:
+            self.function.add_event_source(
+                event_sources.SqsEventSource(
+                    dead_letter_queue,
+                    batch_size=BATCH_SIZE,
+                    report_batch_item_failures=True,
+                    max_concurrency=MAX_CONCURRENCY,
+                )
             )
-        )
         # Not topic.grant_publish, which grants kms:GenerateDataKey* (a wildcard): publishing
         # to an encrypted topic needs exactly these two on its key.
         self.function.add_to_role_policy(

@@ -1,18 +1,22 @@
-"""The dashboard and the alarms; alarms notify the alert topic."""
+"""The dashboard and the alarms, per worker pool; alarms notify the alert topic."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from aws_cdk import Duration
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as actions
+from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from .environment import METRICS_NAMESPACE_VALUE as NAMESPACE
-from .settings import DeploymentSettings
-from .workers import Workers
+from .queue import StepQueues
+from .settings import DEFAULT_POOL, DeploymentSettings, WorkerPool
 
 ONE_MINUTE = Duration.minutes(1)
 FIVE_MINUTES = Duration.minutes(5)
@@ -22,25 +26,56 @@ CONTAINER_INSIGHTS = "ECS/ContainerInsights"
 DEAD_LETTERS_STUCK_PERIODS = 3
 
 
+@dataclass(frozen=True)
+class MonitoredPool:
+    """What the dashboard and the alarms watch of one worker pool."""
+
+    queues: StepQueues
+    service: ecs.FargateService
+    scaler: lambda_.IFunction
+
+    @property
+    def pool(self) -> WorkerPool:
+        return self.queues.pool
+
+
+@dataclass(frozen=True)
+class PoolAlarms:
+    dead_letters: cloudwatch.Alarm
+    oldest_step: cloudwatch.Alarm
+    oldest_priority_step: cloudwatch.Alarm | None
+    scaler: cloudwatch.Alarm
+
+    @property
+    def all(self) -> list[cloudwatch.Alarm]:
+        alarms = [self.dead_letters, self.oldest_step, self.oldest_priority_step, self.scaler]
+        return [alarm for alarm in alarms if alarm is not None]
+
+
 class Monitoring(Construct):
+    """Per pool: its queues (lane included), its workers, its DLQ, and three or four alarms
+    (dead letters not drained, steps waiting too long on each queue, scaler failing). Across
+    pools: the step metrics, the Lambdas, and the alarms' status.
+
+    The default pool's alarms keep the ids they had before there were pools; another pool's
+    are prefixed with its PascalCase name (``HighMemStepsWaitingTooLong``).
+    """
+
     def __init__(
         self,
         scope: Construct,
         construct_id: str,
         *,
         settings: DeploymentSettings,
-        queue: sqs.IQueue,
-        dead_letter_queue: sqs.IQueue,
-        workers: Workers,
-        scaler: lambda_.IFunction,
+        cluster: ecs.ICluster,
+        pools: Sequence[MonitoredPool],
         dead_letter_processor: lambda_.IFunction,
         topic: sns.ITopic,
     ) -> None:
         super().__init__(scope, construct_id)
-        # The scaler's metrics carry service=<cluster>/<service> (EcsWorkerService.name); the
-        # workers' and the DLQ processor's carry the deployment's POWERTOOLS_SERVICE_NAME.
-        worker_service = f"{workers.cluster.cluster_name}/{workers.service.service_name}"
-        scaler_dimensions = {"service": worker_service}
+        self._settings = settings
+        self._cluster = cluster
+        self._several = len(pools) > 1
         step_dimensions = {"service": settings.metrics_service}
 
         def step_metric(name: str, label: str) -> cloudwatch.Metric:
@@ -53,134 +88,18 @@ class Monitoring(Construct):
                 label=label,
             )
 
-        def tasks(name: str, label: str) -> cloudwatch.Metric:
-            return cloudwatch.Metric(
-                namespace=CONTAINER_INSIGHTS,
-                metric_name=name,
-                dimensions_map={
-                    "ClusterName": workers.cluster.cluster_name,
-                    "ServiceName": workers.service.service_name,
-                },
-                statistic="Average",
-                period=ONE_MINUTE,
-                label=label,
-            )
-
-        waiting = queue.metric_approximate_number_of_messages_visible(
-            statistic="Maximum", period=ONE_MINUTE, label="waiting (visible)"
-        )
-        in_flight = queue.metric_approximate_number_of_messages_not_visible(
-            statistic="Maximum", period=ONE_MINUTE, label="running (in flight)"
-        )
-        oldest = queue.metric_approximate_age_of_oldest_message(
-            statistic="Maximum", period=ONE_MINUTE, label="oldest waiting step (s)"
-        )
-        dead_letters_visible = dead_letter_queue.metric_approximate_number_of_messages_visible(
-            statistic="Maximum", period=FIVE_MINUTES, label="dead letters waiting"
-        )
-        dead_letters_in_flight = (
-            dead_letter_queue.metric_approximate_number_of_messages_not_visible(
-                statistic="Maximum", period=FIVE_MINUTES, label="dead letters being processed"
-            )
-        )
-        desired_workers = cloudwatch.Metric(
-            namespace=NAMESPACE,
-            metric_name="DesiredWorkers",
-            dimensions_map=scaler_dimensions,
-            statistic="Maximum",
-            period=ONE_MINUTE,
-            label="scaler's decision",
-        )
-        scaler_errors = cloudwatch.Metric(
-            namespace=NAMESPACE,
-            metric_name="ScalerErrors",
-            dimensions_map=scaler_dimensions,
-            statistic="Sum",
-            period=FIVE_MINUTES,
-            label="scaler input errors",
-        )
-        scaling_decisions = cloudwatch.MathExpression(
-            expression=(
-                f'SEARCH(\'{{{NAMESPACE},reason,service}} MetricName="ScalingDecisions" '
-                f"service=\"{worker_service}\"', 'Sum', 60)"
-            ),
-            using_metrics={},
-            label="decisions by reason",
-            period=ONE_MINUTE,
-        )
-
-        self.dead_letters_alarm = cloudwatch.Alarm(
-            self,
-            "DeadLettersNotDrained",
-            alarm_description=(
-                "The dead-letter queue has held messages for 15 minutes. The DLQ processor "
-                "normally takes each dead letter within seconds (and alerts for it): it is "
-                "failing or disabled. Its logs say why; the steps are not marked failed yet."
-            ),
-            metric=cloudwatch.MathExpression(
-                expression="FILL(visible, 0) + FILL(inflight, 0)",
-                using_metrics={"visible": dead_letters_visible, "inflight": dead_letters_in_flight},
-                label="dead letters on the DLQ",
-                period=FIVE_MINUTES,
-            ),
-            threshold=0,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
-            evaluation_periods=DEAD_LETTERS_STUCK_PERIODS,
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-        )
-        self.oldest_step_alarm = cloudwatch.Alarm(
-            self,
-            "StepsWaitingTooLong",
-            alarm_description=(
-                f"A step has waited over {settings.oldest_message_alarm_seconds} s for a "
-                "worker: the workers are not starting (image, capacity, max_workers) or the "
-                "scaler is not scaling out."
-            ),
-            metric=queue.metric_approximate_age_of_oldest_message(
-                statistic="Maximum", period=FIVE_MINUTES
-            ),
-            threshold=settings.oldest_message_alarm_seconds,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
-            evaluation_periods=1,
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-        )
-        self.scaler_alarm = cloudwatch.Alarm(
-            self,
-            "ScalerFailing",
-            alarm_description=(
-                "The scaler Lambda failed, or could not read the queue, the ledger or the "
-                "service: the worker count is not following the queue."
-            ),
-            metric=cloudwatch.MathExpression(
-                expression="FILL(invocation_errors, 0) + FILL(input_errors, 0)",
-                using_metrics={
-                    "invocation_errors": scaler.metric_errors(statistic="Sum", period=FIVE_MINUTES),
-                    "input_errors": scaler_errors,
-                },
-                label="scaler errors",
-                period=FIVE_MINUTES,
-            ),
-            threshold=0,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
-            evaluation_periods=1,
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-        )
-        self.alarms = [self.dead_letters_alarm, self.oldest_step_alarm, self.scaler_alarm]
+        self.pool_alarms = {p.pool.name: self._alarms(p) for p in pools}
+        default = self.pool_alarms[DEFAULT_POOL]
+        self.dead_letters_alarm = default.dead_letters
+        self.oldest_step_alarm = default.oldest_step
+        self.scaler_alarm = default.scaler
+        self.alarms = [alarm for alarms in self.pool_alarms.values() for alarm in alarms.all]
         for alarm in self.alarms:
             alarm.add_alarm_action(actions.SnsAction(topic))
             alarm.add_ok_action(actions.SnsAction(topic))
 
-        def lambda_metrics(kind: str) -> list[cloudwatch.IMetric]:
-            functions = {"scaler": scaler, "DLQ processor": dead_letter_processor}
-            if kind == "errors":
-                return [
-                    fn.metric_errors(statistic="Sum", period=FIVE_MINUTES, label=name)
-                    for name, fn in functions.items()
-                ]
-            return [
-                fn.metric_duration(statistic="Maximum", period=FIVE_MINUTES, label=name)
-                for name, fn in functions.items()
-            ]
+        functions = {self._label("scaler", p.pool): p.scaler for p in pools}
+        functions["DLQ processor"] = dead_letter_processor
 
         self.dashboard = cloudwatch.Dashboard(
             self,
@@ -188,23 +107,8 @@ class Monitoring(Construct):
             dashboard_name=settings.stack_name,
             default_interval=Duration.hours(3),
         )
-        self.dashboard.add_widgets(
-            cloudwatch.GraphWidget(
-                title="Step queue",
-                left=[waiting, in_flight],
-                right=[oldest],
-                width=12,
-            ),
-            cloudwatch.GraphWidget(
-                title="Workers: desired vs running",
-                left=[
-                    tasks("DesiredTaskCount", "desired tasks"),
-                    tasks("RunningTaskCount", "running tasks"),
-                    desired_workers,
-                ],
-                width=12,
-            ),
-        )
+        for monitored in pools:
+            self.dashboard.add_widgets(*self._pool_widgets(monitored))
         self.dashboard.add_widgets(
             cloudwatch.GraphWidget(
                 title="Steps",
@@ -221,20 +125,240 @@ class Monitoring(Construct):
                     step_metric("StepsDeadLettered", "dead-lettered"),
                     step_metric("DuplicatesSuppressed", "duplicates suppressed"),
                     step_metric("LeasesLost", "leases lost"),
-                    dead_letters_visible,
+                    *(
+                        self._dead_letters_visible(p.queues.dead_letter_queue, p.pool)
+                        for p in pools
+                    ),
                 ],
                 width=12,
             ),
         )
         self.dashboard.add_widgets(
-            cloudwatch.GraphWidget(title="Scaling decisions", left=[scaling_decisions], width=8),
             cloudwatch.GraphWidget(
-                title="Lambda errors", left=[*lambda_metrics("errors"), scaler_errors], width=8
+                title="Scaling decisions",
+                left=[self._scaling_decisions(p) for p in pools],
+                width=8,
             ),
             cloudwatch.GraphWidget(
-                title="Lambda duration", left=lambda_metrics("duration"), width=8
+                title="Lambda errors",
+                left=[
+                    *(
+                        fn.metric_errors(statistic="Sum", period=FIVE_MINUTES, label=name)
+                        for name, fn in functions.items()
+                    ),
+                    *(self._scaler_errors(p) for p in pools),
+                ],
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title="Lambda duration",
+                left=[
+                    fn.metric_duration(statistic="Maximum", period=FIVE_MINUTES, label=name)
+                    for name, fn in functions.items()
+                ],
+                width=8,
             ),
         )
         self.dashboard.add_widgets(
             cloudwatch.AlarmStatusWidget(title="Alarms", alarms=self.alarms, width=24),
         )
+
+    # -- per pool ----------------------------------------------------------------------------
+
+    def _label(self, text: str, pool: WorkerPool) -> str:
+        """A metric's label or a widget's title, naming the pool when there are several."""
+        return f"{text} ({pool.name})" if self._several else text
+
+    def _id(self, pool: WorkerPool, name: str) -> str:
+        return name if pool.is_default else f"{pool.pascal_name}{name}"
+
+    def _worker_service(self, monitored: MonitoredPool) -> str:
+        """The scaler's metrics carry service=<cluster>/<service> (EcsWorkerService.name)."""
+        return f"{self._cluster.cluster_name}/{monitored.service.service_name}"
+
+    def _scaler_errors(self, monitored: MonitoredPool) -> cloudwatch.Metric:
+        return cloudwatch.Metric(
+            namespace=NAMESPACE,
+            metric_name="ScalerErrors",
+            dimensions_map={"service": self._worker_service(monitored)},
+            statistic="Sum",
+            period=FIVE_MINUTES,
+            label=self._label("scaler input errors", monitored.pool),
+        )
+
+    def _scaling_decisions(self, monitored: MonitoredPool) -> cloudwatch.MathExpression:
+        return cloudwatch.MathExpression(
+            expression=(
+                f'SEARCH(\'{{{NAMESPACE},reason,service}} MetricName="ScalingDecisions" '
+                f"service=\"{self._worker_service(monitored)}\"', 'Sum', 60)"
+            ),
+            using_metrics={},
+            label=self._label("decisions by reason", monitored.pool),
+            period=ONE_MINUTE,
+        )
+
+    def _dead_letters_visible(self, queue: sqs.IQueue, pool: WorkerPool) -> cloudwatch.Metric:
+        return queue.metric_approximate_number_of_messages_visible(
+            statistic="Maximum",
+            period=FIVE_MINUTES,
+            label=self._label("dead letters waiting", pool),
+        )
+
+    def _alarms(self, monitored: MonitoredPool) -> PoolAlarms:
+        pool, queues = monitored.pool, monitored.queues
+        of_pool = "" if pool.is_default else f"Pool {pool.name}: "
+        dead_letter_queue = queues.dead_letter_queue
+        dead_letters = cloudwatch.Alarm(
+            self,
+            self._id(pool, "DeadLettersNotDrained"),
+            alarm_description=(
+                f"{of_pool}The dead-letter queue has held messages for 15 minutes. The DLQ "
+                "processor normally takes each dead letter within seconds (and alerts for it): "
+                "it is failing or disabled. Its logs say why; the steps are not marked failed yet."
+            ),
+            metric=cloudwatch.MathExpression(
+                expression="FILL(visible, 0) + FILL(inflight, 0)",
+                using_metrics={
+                    "visible": self._dead_letters_visible(dead_letter_queue, pool),
+                    "inflight": dead_letter_queue.metric_approximate_number_of_messages_not_visible(
+                        statistic="Maximum",
+                        period=FIVE_MINUTES,
+                        label="dead letters being processed",
+                    ),
+                },
+                label="dead letters on the DLQ",
+                period=FIVE_MINUTES,
+            ),
+            threshold=0,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=DEAD_LETTERS_STUCK_PERIODS,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+
+        def waiting_too_long(queue: sqs.IQueue, name: str, what: str) -> cloudwatch.Alarm:
+            return cloudwatch.Alarm(
+                self,
+                self._id(pool, name),
+                alarm_description=(
+                    f"{of_pool}A {what} has waited over "
+                    f"{self._settings.oldest_message_alarm_seconds} s for a worker: the workers "
+                    "are not starting (image, capacity, max_workers) or the scaler is not "
+                    "scaling out."
+                ),
+                metric=queue.metric_approximate_age_of_oldest_message(
+                    statistic="Maximum", period=FIVE_MINUTES
+                ),
+                threshold=self._settings.oldest_message_alarm_seconds,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                evaluation_periods=1,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            )
+
+        oldest_step = waiting_too_long(queues.queue, "StepsWaitingTooLong", "step")
+        oldest_priority_step = (
+            None
+            if queues.priority_queue is None
+            else waiting_too_long(
+                queues.priority_queue, "PriorityStepsWaitingTooLong", "high-priority step"
+            )
+        )
+        scaler = cloudwatch.Alarm(
+            self,
+            self._id(pool, "ScalerFailing"),
+            alarm_description=(
+                f"{of_pool}The scaler Lambda failed, or could not read the queue, the ledger or "
+                "the service: the worker count is not following the queue."
+            ),
+            metric=cloudwatch.MathExpression(
+                expression="FILL(invocation_errors, 0) + FILL(input_errors, 0)",
+                using_metrics={
+                    "invocation_errors": monitored.scaler.metric_errors(
+                        statistic="Sum", period=FIVE_MINUTES
+                    ),
+                    "input_errors": self._scaler_errors(monitored),
+                },
+                label="scaler errors",
+                period=FIVE_MINUTES,
+            ),
+            threshold=0,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        return PoolAlarms(
+            dead_letters=dead_letters,
+            oldest_step=oldest_step,
+            oldest_priority_step=oldest_priority_step,
+            scaler=scaler,
+        )
+
+    def _pool_widgets(self, monitored: MonitoredPool) -> list[cloudwatch.IWidget]:
+        """One row: the pool's queues, its workers, its dead letters."""
+        pool, queues = monitored.pool, monitored.queues
+        left: list[cloudwatch.IMetric] = []
+        right: list[cloudwatch.IMetric] = []
+        for queue, lane in ((queues.queue, ""), (queues.priority_queue, "lane ")):
+            if queue is None:
+                continue
+            left += [
+                queue.metric_approximate_number_of_messages_visible(
+                    statistic="Maximum", period=ONE_MINUTE, label=f"{lane}waiting (visible)"
+                ),
+                queue.metric_approximate_number_of_messages_not_visible(
+                    statistic="Maximum", period=ONE_MINUTE, label=f"{lane}running (in flight)"
+                ),
+            ]
+            right.append(
+                queue.metric_approximate_age_of_oldest_message(
+                    statistic="Maximum", period=ONE_MINUTE, label=f"{lane}oldest waiting step (s)"
+                )
+            )
+
+        def tasks(name: str, label: str) -> cloudwatch.Metric:
+            return cloudwatch.Metric(
+                namespace=CONTAINER_INSIGHTS,
+                metric_name=name,
+                dimensions_map={
+                    "ClusterName": self._cluster.cluster_name,
+                    "ServiceName": monitored.service.service_name,
+                },
+                statistic="Average",
+                period=ONE_MINUTE,
+                label=label,
+            )
+
+        desired_workers = cloudwatch.Metric(
+            namespace=NAMESPACE,
+            metric_name="DesiredWorkers",
+            dimensions_map={"service": self._worker_service(monitored)},
+            statistic="Maximum",
+            period=ONE_MINUTE,
+            label="scaler's decision",
+        )
+        dead_letter_queue = queues.dead_letter_queue
+        return [
+            cloudwatch.GraphWidget(
+                title=self._label("Step queue", pool), left=left, right=right, width=8
+            ),
+            cloudwatch.GraphWidget(
+                title=self._label("Workers: desired vs running", pool),
+                left=[
+                    tasks("DesiredTaskCount", "desired tasks"),
+                    tasks("RunningTaskCount", "running tasks"),
+                    desired_workers,
+                ],
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title=self._label("Dead letters", pool),
+                left=[
+                    dead_letter_queue.metric_approximate_number_of_messages_visible(
+                        statistic="Maximum", period=ONE_MINUTE, label="waiting"
+                    ),
+                    dead_letter_queue.metric_approximate_number_of_messages_not_visible(
+                        statistic="Maximum", period=ONE_MINUTE, label="being processed"
+                    ),
+                ],
+                width=8,
+            ),
+        ]

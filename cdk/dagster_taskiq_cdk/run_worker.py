@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
@@ -16,9 +18,9 @@ RUN_WORKER_QUEUE_ACTIONS = ("sqs:GetQueueAttributes", "sqs:SendMessage")
 class RunWorkerAccess(Construct):
     """A managed policy to attach to the run worker's role, and a security group to put it in.
 
-    The executor sends steps and checks the queue's settings; for scale-from-zero it reads the
-    worker service and invokes the scaler. It also writes the ledger and Dagster's event log,
-    so the group is admitted to the database.
+    The executor sends steps to any pool's queues (and lanes) and checks their settings; for
+    scale-from-zero it reads a pool's worker service and invokes the pool's scaler. It also
+    writes the ledger and Dagster's event log, so the group is admitted to the database.
     """
 
     def __init__(
@@ -27,9 +29,9 @@ class RunWorkerAccess(Construct):
         construct_id: str,
         *,
         vpc: ec2.IVpc,
-        queue: sqs.IQueue,
-        scaler: lambda_.IFunction,
-        service_arn: str,
+        queues: Sequence[sqs.IQueue],
+        scalers: Sequence[lambda_.IFunction],
+        service_arns: Sequence[str],
         database: Database,
     ) -> None:
         super().__init__(scope, construct_id)
@@ -39,12 +41,14 @@ class RunWorkerAccess(Construct):
             description="dagster-taskiq run worker: send steps, wake the scaler",
             statements=[
                 iam.PolicyStatement(
-                    actions=list(RUN_WORKER_QUEUE_ACTIONS), resources=[queue.queue_arn]
+                    actions=list(RUN_WORKER_QUEUE_ACTIONS),
+                    resources=[queue.queue_arn for queue in queues],
                 ),
                 iam.PolicyStatement(
-                    actions=["lambda:InvokeFunction"], resources=[scaler.function_arn]
+                    actions=["lambda:InvokeFunction"],
+                    resources=[scaler.function_arn for scaler in scalers],
                 ),
-                iam.PolicyStatement(actions=["ecs:DescribeServices"], resources=[service_arn]),
+                iam.PolicyStatement(actions=["ecs:DescribeServices"], resources=list(service_arns)),
             ],
         )
         self.security_group = ec2.SecurityGroup(

@@ -1,9 +1,12 @@
-"""The scaler Lambda: every minute (and when the executor asks), size the worker service."""
+"""The scaler Lambdas: every minute (and when the executor asks), size a pool's service."""
 
 from __future__ import annotations
 
-from aws_cdk import Aws, Duration
+from collections.abc import Sequence
+
+from aws_cdk import Aws, Duration, Fn
 from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
@@ -21,8 +24,7 @@ from dagster_taskiq.settings import (
 from . import environment as env
 from .database import Database
 from .functions import BundledFunction
-from .settings import DeploymentSettings
-from .workers import Workers
+from .settings import DeploymentSettings, WorkerPool
 
 # A scheduled invocation evaluates for most of a minute (three times, 20 s apart); the extra
 # ten seconds cover a slow last evaluation.
@@ -34,25 +36,31 @@ SCALER_SERVICE_ACTIONS = ("ecs:DescribeServices", "ecs:UpdateService")
 
 
 class ScalerFunction(Construct):
+    """One worker pool's scaler: it reads the pool's queues (step queue, then lane) and sets
+    the pool's service."""
+
     def __init__(
         self,
         scope: Construct,
         construct_id: str,
         *,
         settings: DeploymentSettings,
+        pool: WorkerPool,
         vpc: ec2.IVpc,
         subnets: ec2.SubnetSelection,
-        queue: sqs.IQueue,
+        queues: Sequence[sqs.IQueue],
         database: Database,
-        workers: Workers,
+        cluster: ecs.ICluster,
+        service: ecs.FargateService,
     ) -> None:
         super().__init__(scope, construct_id)
+        of_pool = "" if pool.is_default else f" of pool {pool.name}"
         self.bundled = BundledFunction(
             self,
             "Scaler",
             bundle="scaler",
-            description="dagster-taskiq scaler: sets the worker service's desired count",
-            security_group_description="dagster-taskiq scaler Lambda",
+            description=f"dagster-taskiq scaler: sets the worker service's desired count{of_pool}",
+            security_group_description=f"dagster-taskiq scaler Lambda{of_pool}",
             settings=settings,
             vpc=vpc,
             subnets=subnets,
@@ -60,16 +68,17 @@ class ScalerFunction(Construct):
             # One scaler at a time: two would race on desiredCount and on the decision history.
             reserved_concurrent_executions=1,
             environment={
-                ENV_QUEUE_URL: queue.queue_url,
+                # The pool's queues, comma-separated (one queue renders as a plain reference).
+                ENV_QUEUE_URL: Fn.join(",", [queue.queue_url for queue in queues]),
                 ENV_REGION: Aws.REGION,
                 ENV_DATABASE_URL: database.password_less_url(),
                 env.DATABASE_PASSWORD_SECRET_ARN: database.secret.secret_arn,
-                ENV_ECS_CLUSTER: workers.cluster.cluster_name,
-                ENV_ECS_SERVICE: workers.service.service_name,
-                env.MIN_WORKERS: str(settings.min_workers),
-                env.MAX_WORKERS: str(settings.max_workers),
-                env.TARGET_BACKLOG: str(settings.target_backlog_per_worker),
-                env.STEPS_PER_WORKER: str(settings.steps_per_worker),
+                ENV_ECS_CLUSTER: cluster.cluster_name,
+                ENV_ECS_SERVICE: service.service_name,
+                env.MIN_WORKERS: str(pool.min_workers),
+                env.MAX_WORKERS: str(pool.max_workers),
+                env.TARGET_BACKLOG: str(pool.target_backlog_per_worker),
+                env.STEPS_PER_WORKER: str(pool.steps_per_worker),
                 env.SCALE_IN_STABILIZATION: str(settings.scale_in_stabilization_seconds),
                 env.METRICS_NAMESPACE: env.METRICS_NAMESPACE_VALUE,
             },
@@ -79,19 +88,21 @@ class ScalerFunction(Construct):
         # invocation that waited behind a running one for two minutes is stale: dropped.
         self.function.configure_async_invoke(retry_attempts=0, max_event_age=Duration.minutes(2))
         self.function.add_to_role_policy(
-            iam.PolicyStatement(actions=list(SCALER_QUEUE_ACTIONS), resources=[queue.queue_arn])
+            iam.PolicyStatement(
+                actions=list(SCALER_QUEUE_ACTIONS), resources=[q.queue_arn for q in queues]
+            )
         )
         self.function.add_to_role_policy(
             iam.PolicyStatement(
-                actions=list(SCALER_SERVICE_ACTIONS), resources=[workers.service_arn]
+                actions=list(SCALER_SERVICE_ACTIONS), resources=[service.service_arn]
             )
         )
         database.secret.grant_read(self.function)
-        database.allow_from(self.bundled.security_group, "scaler Lambda")
+        database.allow_from(self.bundled.security_group, f"scaler Lambda{of_pool}")
         self.schedule = events.Rule(
             self,
             "EveryMinute",
-            description="Runs the dagster-taskiq scaler every minute",
+            description=f"Runs the dagster-taskiq scaler{of_pool} every minute",
             schedule=SCHEDULE,
             targets=[targets.LambdaFunction(self.function)],
         )

@@ -8,11 +8,12 @@ from ``cdk.json`` as JSON: both are accepted.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 from aws_cdk import aws_logs as logs
 
@@ -62,6 +63,13 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 # Context keys the settings own look like this; CDK's own keys (feature flags, lookups,
 # "aws:cdk:...") contain "@", ":" or "/" and are left alone.
 _SETTING_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
+# A pool name: lowercase words of letters and digits joined by single hyphens. It becomes part
+# of construct ids, output names (PascalCase) and, for FIFO pools, queue names.
+_POOL_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+MAX_POOL_NAME_LENGTH = 20
+# The pool that steps without a routing tag go to; its resources and outputs keep the names
+# they had before there were pools.
+DEFAULT_POOL = "default"
 
 
 class SettingsError(ValueError):
@@ -70,6 +78,91 @@ class SettingsError(ValueError):
 
 def _setting(default: Any, doc: str) -> Any:
     return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One entry of the ``pools`` setting, as given. A value left out (None) is the top-level
+    setting of the same name. Field names are the keys a pool takes."""
+
+    name: str
+    min_workers: int | None = None
+    max_workers: int | None = None
+    target_backlog_per_worker: int | None = None
+    worker_cpu: int | None = None
+    worker_memory: int | None = None
+    steps_per_worker: int | None = None
+    spot_share: int | None = None
+    code_locations: str | None = None
+    # A second queue the pool's workers receive from first: steps tagged high-priority.
+    priority_lane: bool = False
+    # FIFO queues (names end in .fifo; content-based deduplication off: the executor sends
+    # the idempotency key as the deduplication id).
+    fifo: bool = False
+
+
+# The top-level settings a pool may override.
+POOL_OVERRIDES = tuple(
+    f.name for f in dataclasses.fields(PoolSpec) if f.name not in ("name", "priority_lane", "fifo")
+)
+
+
+@dataclass(frozen=True)
+class WorkerPool:
+    """A worker pool with every value resolved: its own queue (and lane), DLQ, service and
+    scaler."""
+
+    name: str
+    min_workers: int
+    max_workers: int
+    target_backlog_per_worker: int
+    worker_cpu: int
+    worker_memory: int
+    steps_per_worker: int
+    spot_share: int
+    code_locations: str
+    priority_lane: bool = False
+    fifo: bool = False
+
+    @property
+    def is_default(self) -> bool:
+        return self.name == DEFAULT_POOL
+
+    @property
+    def pascal_name(self) -> str:
+        """``high-mem`` -> ``HighMem``: the prefix of the pool's outputs and construct ids."""
+        return pascal_case(self.name)
+
+    @property
+    def spot_weights(self) -> dict[str, int]:
+        """Capacity provider -> weight; a provider with no weight is left out."""
+        weights = {"FARGATE": 100 - self.spot_share, "FARGATE_SPOT": self.spot_share}
+        return {provider: weight for provider, weight in weights.items() if weight > 0}
+
+
+def pascal_case(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in name.split("-"))
+
+
+class _WorkerValues(Protocol):
+    """What the top-level settings and a pool have in common: the worker service's shape."""
+
+    @property
+    def min_workers(self) -> int: ...
+    @property
+    def max_workers(self) -> int: ...
+    @property
+    def target_backlog_per_worker(self) -> int: ...
+    @property
+    def worker_cpu(self) -> int: ...
+    @property
+    def worker_memory(self) -> int: ...
+    @property
+    def steps_per_worker(self) -> int: ...
+    @property
+    def spot_share(self) -> int: ...
+    @property
+    def code_locations(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -107,6 +200,11 @@ class DeploymentSettings:
         900, "alarm when the oldest waiting step is older than this, seconds"
     )
     log_retention_days: int = _setting(30, "CloudWatch Logs retention of every log group, days")
+    pools: tuple[PoolSpec, ...] | None = _setting(
+        None,
+        "worker pools, a JSON list (see Worker pools); unset: one pool, default, from the "
+        "settings above",
+    )
 
     def __post_init__(self) -> None:
         self._validate()
@@ -123,8 +221,30 @@ class DeploymentSettings:
     @property
     def spot_weights(self) -> dict[str, int]:
         """Capacity provider -> weight; a provider with no weight is left out."""
-        weights = {"FARGATE": 100 - self.spot_share, "FARGATE_SPOT": self.spot_share}
-        return {provider: weight for provider, weight in weights.items() if weight > 0}
+        return self.default_pool.spot_weights
+
+    @property
+    def worker_pools(self) -> tuple[WorkerPool, ...]:
+        """The pools in the order given; without ``pools``, one named default."""
+        specs = self.pools if self.pools is not None else (PoolSpec(DEFAULT_POOL),)
+        return tuple(self._resolve(spec) for spec in specs)
+
+    @property
+    def default_pool(self) -> WorkerPool:
+        (pool,) = (p for p in self.worker_pools if p.is_default)
+        return pool
+
+    def _resolve(self, spec: PoolSpec) -> WorkerPool:
+        overrides = {name: getattr(spec, name) for name in POOL_OVERRIDES}
+        return WorkerPool(
+            name=spec.name,
+            priority_lane=spec.priority_lane,
+            fifo=spec.fifo,
+            **{
+                name: getattr(self, name) if value is None else value
+                for name, value in overrides.items()
+            },
+        )
 
     @property
     def log_retention(self) -> logs.RetentionDays:
@@ -172,28 +292,7 @@ class DeploymentSettings:
             "environment",
             "must be 1-20 characters: a lowercase letter, then lowercase letters, digits or -",
         )
-        _check(self.min_workers >= 0, "min_workers", "must be 0 or more")
-        _check(1 <= self.max_workers <= 1000, "max_workers", "must be between 1 and 1000")
-        _check(
-            self.min_workers <= self.max_workers,
-            "min_workers",
-            f"must not exceed max_workers ({self.max_workers})",
-        )
-        _check(self.target_backlog_per_worker >= 1, "target_backlog_per_worker", "must be 1+")
-        _check(1 <= self.steps_per_worker <= 64, "steps_per_worker", "must be between 1 and 64")
-        _check(
-            self.worker_cpu in FARGATE_TASK_SIZES,
-            "worker_cpu",
-            f"must be one of {sorted(FARGATE_TASK_SIZES)}",
-        )
-        allowed_memory = FARGATE_TASK_SIZES[self.worker_cpu]
-        _check(
-            self.worker_memory in allowed_memory,
-            "worker_memory",
-            f"must be a Fargate size for worker_cpu={self.worker_cpu}: "
-            f"{allowed_memory[0]} to {allowed_memory[-1]} MiB in the steps Fargate allows",
-        )
-        _check(0 <= self.spot_share <= 100, "spot_share", "must be a percentage, 0 to 100")
+        _check_workers(self, lambda name: name)
         _check(
             self.alert_email is None or bool(_EMAIL.match(self.alert_email)),
             "alert_email",
@@ -233,12 +332,6 @@ class DeploymentSettings:
             "scale_in_stabilization_seconds",
             "must be 0 to 3600 seconds",
         )
-        locations = [part.strip() for part in self.code_locations.split(",")]
-        _check(
-            all(locations),
-            "code_locations",
-            "must be one or more comma-separated module names or files, none empty",
-        )
         dockerfile = PurePosixPath(self.worker_dockerfile)
         _check(
             bool(self.worker_dockerfile)
@@ -266,6 +359,64 @@ class DeploymentSettings:
             "log_retention_days",
             f"must be one of {sorted(LOG_RETENTION_DAYS)} (CloudWatch Logs' periods)",
         )
+        self._validate_pools()
+
+    def _validate_pools(self) -> None:
+        if self.pools is None:
+            return
+        names = [spec.name for spec in self.pools]
+        _check(
+            DEFAULT_POOL in names,
+            "pools",
+            f"must include a pool named {DEFAULT_POOL!r}: steps without a routing tag go to it, "
+            "and the stack's QueueUrl, EcsServiceName and ScalerFunctionName outputs are its",
+        )
+        outputs: dict[str, str] = {}
+        for pool in self.worker_pools:
+            clash = outputs.setdefault(pool.pascal_name, pool.name)
+            _check(
+                clash == pool.name,
+                "pools",
+                f"names {clash!r} and {pool.name!r}, which make the same output names "
+                f"({pool.pascal_name}QueueUrl)",
+            )
+            _check_workers(pool, _pool_key(pool.name))
+
+
+def _pool_key(pool: str) -> Callable[[str], str]:
+    return lambda name: f"pools[{pool}].{name}"
+
+
+def _check_workers(values: _WorkerValues, key: Callable[[str], str]) -> None:
+    """The worker service's shape; ``key`` names the setting (top-level, or a pool's)."""
+    _check(values.min_workers >= 0, key("min_workers"), "must be 0 or more")
+    _check(1 <= values.max_workers <= 1000, key("max_workers"), "must be between 1 and 1000")
+    _check(
+        values.min_workers <= values.max_workers,
+        key("min_workers"),
+        f"must not exceed max_workers ({values.max_workers})",
+    )
+    _check(values.target_backlog_per_worker >= 1, key("target_backlog_per_worker"), "must be 1+")
+    _check(1 <= values.steps_per_worker <= 64, key("steps_per_worker"), "must be between 1 and 64")
+    _check(
+        values.worker_cpu in FARGATE_TASK_SIZES,
+        key("worker_cpu"),
+        f"must be one of {sorted(FARGATE_TASK_SIZES)}",
+    )
+    allowed_memory = FARGATE_TASK_SIZES[values.worker_cpu]
+    _check(
+        values.worker_memory in allowed_memory,
+        key("worker_memory"),
+        f"must be a Fargate size for worker_cpu={values.worker_cpu}: "
+        f"{allowed_memory[0]} to {allowed_memory[-1]} MiB in the steps Fargate allows",
+    )
+    _check(0 <= values.spot_share <= 100, key("spot_share"), "must be a percentage, 0 to 100")
+    locations = [part.strip() for part in values.code_locations.split(",")]
+    _check(
+        all(locations),
+        key("code_locations"),
+        "must be one or more comma-separated module names or files, none empty",
+    )
 
 
 def _check(ok: bool, key: str, requirement: str) -> None:
@@ -317,6 +468,57 @@ def _parse_optional_str(key: str, raw: Any) -> str | None:
     return _parse_str(key, raw) or None
 
 
+def _parse_optional_int(key: str, raw: Any) -> int | None:
+    return None if raw is None else _parse_int(key, raw)
+
+
+_POOLS_FORMAT = (
+    'a JSON list of pools like [{"name": "default"}, {"name": "highmem", "worker_cpu": 4096, '
+    '"worker_memory": 16384}]'
+)
+
+
+def _parse_pools(key: str, raw: Any) -> tuple[PoolSpec, ...]:
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise SettingsError(f"Context setting {key!r} must be {_POOLS_FORMAT}: {e}") from None
+    if not isinstance(raw, list) or not raw:
+        raise SettingsError(f"Context setting {key!r} must be {_POOLS_FORMAT}, got {raw!r}.")
+    fields = {f.name: f for f in dataclasses.fields(PoolSpec)}
+    specs: list[PoolSpec] = []
+    for index, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise SettingsError(
+                f"Context setting '{key}[{index}]' must be an object with a name, got {entry!r}."
+            )
+        name = entry.get("name")
+        if not (
+            isinstance(name, str) and len(name) <= MAX_POOL_NAME_LENGTH and _POOL_NAME.match(name)
+        ):
+            raise SettingsError(
+                f"Context setting '{key}[{index}].name' must be 1-{MAX_POOL_NAME_LENGTH} "
+                "characters: lowercase letters and digits, starting with a letter, words "
+                f"joined by single hyphens (got {name!r})."
+            )
+        _check(name not in (spec.name for spec in specs), key, f"names the pool {name!r} twice")
+        unknown = sorted(k for k in entry if k not in fields)
+        _check(
+            not unknown,
+            f"{key}[{name}]",
+            f"has unknown key(s) {', '.join(map(str, unknown))}; a pool takes: "
+            + ", ".join(fields),
+        )
+        values = {
+            field: _POOL_PARSERS[fields[field].type](f"{key}[{name}].{field}", value)
+            for field, value in entry.items()
+            if field != "name"
+        }
+        specs.append(PoolSpec(name=name, **values))
+    return tuple(specs)
+
+
 # Keyed by the annotation text (``from __future__ import annotations`` keeps them strings).
 _PARSERS: dict[Any, Callable[[str, Any], Any]] = {
     "int": _parse_int,
@@ -324,4 +526,10 @@ _PARSERS: dict[Any, Callable[[str, Any], Any]] = {
     "bool": _parse_bool,
     "str": _parse_str,
     "str | None": _parse_optional_str,
+    "tuple[PoolSpec, ...] | None": _parse_pools,
+}
+_POOL_PARSERS: dict[Any, Callable[[str, Any], Any]] = {
+    "int | None": _parse_optional_int,
+    "str | None": _parse_optional_str,
+    "bool": _parse_bool,
 }

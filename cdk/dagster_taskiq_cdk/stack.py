@@ -10,14 +10,14 @@ from constructs import Construct
 from .alerts import AlertTopic
 from .database import Database
 from .dead_letters import DEAD_LETTER_VISIBILITY_TIMEOUT, DeadLetterFunction
-from .monitoring import Monitoring
+from .monitoring import MonitoredPool, Monitoring
 from .nag import add_checks
 from .network import Network
 from .paths import REPO_ROOT
 from .queue import StepQueues
 from .run_worker import RunWorkerAccess
 from .scaling import ScalerFunction
-from .settings import DeploymentSettings, SettingsError
+from .settings import DEFAULT_POOL, DeploymentSettings, SettingsError, WorkerPool
 from .workers import Workers
 
 
@@ -43,12 +43,21 @@ class DagsterTaskiqStack(Stack):
 
         network = Network(self, "Network", settings=settings)
         subnets = network.private_subnets
-        self.queues = StepQueues(
-            self,
-            "StepQueues",
-            settings=settings,
-            dead_letter_visibility_timeout=DEAD_LETTER_VISIBILITY_TIMEOUT,
-        )
+        # The default pool's constructs keep the ids they had before there were pools (so an
+        # existing deployment keeps its queues and service); another pool's carry its
+        # PascalCase name.
+        pools = settings.worker_pools
+        self.pool_queues = {
+            pool.name: StepQueues(
+                self,
+                _pool_id(pool, "StepQueues"),
+                settings=settings,
+                pool=pool,
+                dead_letter_visibility_timeout=DEAD_LETTER_VISIBILITY_TIMEOUT,
+            )
+            for pool in pools
+        }
+        self.queues = self.pool_queues[DEFAULT_POOL]
         self.database = Database(
             self, "Database", settings=settings, vpc=network.vpc, subnets=subnets
         )
@@ -58,29 +67,35 @@ class DagsterTaskiqStack(Stack):
             settings=settings,
             vpc=network.vpc,
             subnets=subnets,
-            queue=self.queues.queue,
+            pools=list(self.pool_queues.values()),
             database=self.database,
             dockerfile=worker_dockerfile(settings),
         )
         self.database.allow_from(self.workers.security_group, "dagster-taskiq workers")
         self.alerts = AlertTopic(self, "Alerts", settings=settings)
-        self.scaler = ScalerFunction(
-            self,
-            "Scaling",
-            settings=settings,
-            vpc=network.vpc,
-            subnets=subnets,
-            queue=self.queues.queue,
-            database=self.database,
-            workers=self.workers,
-        )
+        self.scalers = {
+            pool.name: ScalerFunction(
+                self,
+                _pool_id(pool, "Scaling"),
+                settings=settings,
+                pool=pool,
+                vpc=network.vpc,
+                subnets=subnets,
+                queues=self.pool_queues[pool.name].step_queues,
+                database=self.database,
+                cluster=self.workers.cluster,
+                service=self.workers.pools[pool.name].service,
+            )
+            for pool in pools
+        }
+        self.scaler = self.scalers[DEFAULT_POOL]
         self.dead_letters = DeadLetterFunction(
             self,
             "DeadLetters",
             settings=settings,
             vpc=network.vpc,
             subnets=subnets,
-            dead_letter_queue=self.queues.dead_letter_queue,
+            dead_letter_queues=[q.dead_letter_queue for q in self.pool_queues.values()],
             database=self.database,
             topic=self.alerts.topic,
             topic_key=self.alerts.key,
@@ -89,23 +104,29 @@ class DagsterTaskiqStack(Stack):
             self,
             "RunWorker",
             vpc=network.vpc,
-            queue=self.queues.queue,
-            scaler=self.scaler.function,
-            service_arn=self.workers.service_arn,
+            queues=[q for queues in self.pool_queues.values() for q in queues.step_queues],
+            scalers=[scaler.function for scaler in self.scalers.values()],
+            service_arns=[p.service.service_arn for p in self.workers.pools.values()],
             database=self.database,
         )
         self.monitoring = Monitoring(
             self,
             "Monitoring",
             settings=settings,
-            queue=self.queues.queue,
-            dead_letter_queue=self.queues.dead_letter_queue,
-            workers=self.workers,
-            scaler=self.scaler.function,
+            cluster=self.workers.cluster,
+            pools=[
+                MonitoredPool(
+                    queues=self.pool_queues[pool.name],
+                    service=self.workers.pools[pool.name].service,
+                    scaler=self.scalers[pool.name].function,
+                )
+                for pool in pools
+            ],
             dead_letter_processor=self.dead_letters.function,
             topic=self.alerts.topic,
         )
         self._outputs()
+        self._pool_outputs()
 
     def _outputs(self) -> None:
         outputs = {
@@ -144,6 +165,41 @@ class DagsterTaskiqStack(Stack):
         }
         for name, (value, description) in outputs.items():
             CfnOutput(self, name, value=value, description=description)
+
+    def _pool_outputs(self) -> None:
+        """The default pool's lane, and every other pool's queues, scaler and service, under
+        its PascalCase name: ``HighMemQueueUrl``, ``HighMemPriorityQueueUrl``, ..."""
+        for pool in self.settings.worker_pools:
+            queues = self.pool_queues[pool.name]
+            prefix = "" if pool.is_default else pool.pascal_name
+            outputs: dict[str, tuple[str, str]] = {}
+            if not pool.is_default:
+                outputs |= {
+                    "QueueUrl": (queues.queue.queue_url, f"pool {pool.name}: its step queue"),
+                    "DeadLetterQueueUrl": (
+                        queues.dead_letter_queue.queue_url,
+                        f"pool {pool.name}: its DLQ",
+                    ),
+                    "ScalerFunctionName": (
+                        self.scalers[pool.name].function.function_name,
+                        f"pool {pool.name}: its scaler",
+                    ),
+                    "EcsServiceName": (
+                        self.workers.pools[pool.name].service.service_name,
+                        f"pool {pool.name}: its worker service",
+                    ),
+                }
+            if queues.priority_queue is not None:
+                outputs["PriorityQueueUrl"] = (
+                    queues.priority_queue.queue_url,
+                    f"pool {pool.name}: its high-priority lane",
+                )
+            for name, (value, description) in outputs.items():
+                CfnOutput(self, f"{prefix}{name}", value=value, description=description)
+
+
+def _pool_id(pool: WorkerPool, base: str) -> str:
+    return base if pool.is_default else f"{base}{pool.pascal_name}"
 
 
 def worker_dockerfile(settings: DeploymentSettings) -> str:

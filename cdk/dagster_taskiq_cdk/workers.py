@@ -1,6 +1,9 @@
-"""The worker service: warm `dagster-taskiq worker` tasks on Fargate (and Fargate Spot)."""
+"""The worker services: warm `dagster-taskiq worker` tasks on Fargate (and Fargate Spot), one
+service per worker pool."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from aws_cdk import Aws, Duration, IgnoreMode, RemovalPolicy
 from aws_cdk import aws_ec2 as ec2
@@ -8,7 +11,6 @@ from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
-from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from dagster_taskiq.settings import (
@@ -24,10 +26,11 @@ from . import environment as env
 from .database import Database
 from .nag import Acknowledgment, acknowledge
 from .paths import REPO_ROOT
-from .settings import DeploymentSettings
+from .queue import StepQueues
+from .settings import DEFAULT_POOL, DeploymentSettings, WorkerPool
 
-# What a worker does with the step queue: receive, extend its lease (the heartbeat), delete
-# after completion, and read the queue's attributes. Nothing else, and only on this queue.
+# What a worker does with its pool's queues: receive, extend its lease (the heartbeat), delete
+# after completion, and read the queue's attributes. Nothing else, and only on those queues.
 WORKER_QUEUE_ACTIONS = (
     "sqs:ChangeMessageVisibility",
     "sqs:DeleteMessage",
@@ -54,7 +57,13 @@ IMAGE_CONTEXT_EXCLUDES = (
 
 
 class Workers(Construct):
-    """The ECS cluster and the service. The service has no desiredCount: the scaler owns it."""
+    """The ECS cluster, the workers' security group, and one service per worker pool.
+
+    A service has no desiredCount: its pool's scaler owns it. The default pool's task
+    definition, log group and service sit directly in this construct (where they were before
+    there were pools, so its resources keep their logical ids); another pool's sit in a child
+    named after it (``Workers/HighMem/Service``).
+    """
 
     def __init__(
         self,
@@ -64,7 +73,7 @@ class Workers(Construct):
         settings: DeploymentSettings,
         vpc: ec2.IVpc,
         subnets: ec2.SubnetSelection,
-        queue: sqs.IQueue,
+        pools: Sequence[StepQueues],
         database: Database,
         dockerfile: str,
     ) -> None:
@@ -83,52 +92,104 @@ class Workers(Construct):
             container_insights_v2=ecs.ContainerInsights.ENHANCED,
             enable_fargate_capacity_providers=True,
         )
+        # Built at deploy time (cdk deploy runs docker build); synth only hashes and stages the
+        # build context: the repository root, cut down to what the Dockerfile copies. One image
+        # for every pool: they differ in task size, concurrency and queues, not in code.
+        image = ecs.ContainerImage.from_asset(
+            str(REPO_ROOT),
+            file=dockerfile,
+            exclude=list(IMAGE_CONTEXT_EXCLUDES),
+            ignore_mode=IgnoreMode.DOCKER,
+            platform=ecr_assets.Platform.LINUX_AMD64,
+        )
+        self.pools: dict[str, PoolService] = {}
+        for queues in pools:
+            pool = queues.pool
+            self.pools[pool.name] = PoolService(
+                self if pool.is_default else Construct(self, pool.pascal_name),
+                settings=settings,
+                pool=pool,
+                queues=queues,
+                cluster=self.cluster,
+                security_group=self.security_group,
+                subnets=subnets,
+                database=database,
+                image=image,
+            )
+        default = self.pools[DEFAULT_POOL]
+        self.service = default.service
+        self.task_definition = default.task_definition
+        self.log_group = default.log_group
+
+    @property
+    def service_arn(self) -> str:
+        """The default pool's service."""
+        return self.service.service_arn
+
+
+class PoolService:
+    """One pool's task definition, log group and Fargate service, built into ``scope``."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        *,
+        settings: DeploymentSettings,
+        pool: WorkerPool,
+        queues: StepQueues,
+        cluster: ecs.ICluster,
+        security_group: ec2.ISecurityGroup,
+        subnets: ec2.SubnetSelection,
+        database: Database,
+        image: ecs.ContainerImage,
+    ) -> None:
+        self.pool = pool
         task_definition = ecs.FargateTaskDefinition(
-            self,
+            scope,
             "Task",
-            cpu=settings.worker_cpu,
-            memory_limit_mib=settings.worker_memory,
+            cpu=pool.worker_cpu,
+            memory_limit_mib=pool.worker_memory,
             runtime_platform=ecs.RuntimePlatform(
                 cpu_architecture=ecs.CpuArchitecture.X86_64,
                 operating_system_family=ecs.OperatingSystemFamily.LINUX,
             ),
         )
+        # This pool's queues only: a pool's workers cannot take another pool's steps.
         task_definition.add_to_task_role_policy(
-            iam.PolicyStatement(actions=list(WORKER_QUEUE_ACTIONS), resources=[queue.queue_arn])
+            iam.PolicyStatement(
+                actions=list(WORKER_QUEUE_ACTIONS),
+                resources=[queue.queue_arn for queue in queues.step_queues],
+            )
         )
         self.log_group = logs.LogGroup(
-            self,
+            scope,
             "Logs",
             retention=settings.log_retention,
             removal_policy=RemovalPolicy.DESTROY,
         )
+        environment = {
+            ENV_QUEUE_URL: queues.queue.queue_url,
+            ENV_CONCURRENCY: str(pool.steps_per_worker),
+            ENV_CODE_LOCATIONS: pool.code_locations,
+            ENV_REGION: Aws.REGION,
+            env.PG_HOST: database.hostname,
+            env.PG_PORT: str(database.port),
+            env.PG_DB: database.name,
+            # The ledger (pg8000) with TLS; its password comes from the secret below.
+            ENV_DATABASE_URL: database.password_less_url(),
+            env.METRICS_NAMESPACE: env.METRICS_NAMESPACE_VALUE,
+            env.METRICS_SERVICE: settings.metrics_service,
+        }
+        if queues.priority_queue is not None:
+            # The worker receives from the lane first, then from the step queue.
+            environment[env.PRIORITY_QUEUE_URL] = queues.priority_queue.queue_url
         task_definition.add_container(
             CONTAINER_NAME,
-            # Built at deploy time (cdk deploy runs docker build); synth only hashes and stages
-            # the build context: the repository root, cut down to what the Dockerfile copies.
-            image=ecs.ContainerImage.from_asset(
-                str(REPO_ROOT),
-                file=dockerfile,
-                exclude=list(IMAGE_CONTEXT_EXCLUDES),
-                ignore_mode=IgnoreMode.DOCKER,
-                platform=ecr_assets.Platform.LINUX_AMD64,
-            ),
+            image=image,
             # Both set, so the task runs the worker whatever the image's ENTRYPOINT is.
             entry_point=["dagster-taskiq"],
             command=["worker", "--stop-timeout", str(settings.worker_stop_timeout)],
-            environment={
-                ENV_QUEUE_URL: queue.queue_url,
-                ENV_CONCURRENCY: str(settings.steps_per_worker),
-                ENV_CODE_LOCATIONS: settings.code_locations,
-                ENV_REGION: Aws.REGION,
-                env.PG_HOST: database.hostname,
-                env.PG_PORT: str(database.port),
-                env.PG_DB: database.name,
-                # The ledger (pg8000) with TLS; its password comes from the secret below.
-                ENV_DATABASE_URL: database.password_less_url(),
-                env.METRICS_NAMESPACE: env.METRICS_NAMESPACE_VALUE,
-                env.METRICS_SERVICE: settings.metrics_service,
-            },
+            environment=environment,
             secrets={
                 env.PG_USER: ecs.Secret.from_secrets_manager(database.secret, "username"),
                 env.PG_PASSWORD: ecs.Secret.from_secrets_manager(database.secret, "password"),
@@ -139,21 +200,21 @@ class Workers(Construct):
             stop_timeout=Duration.seconds(settings.stop_timeout),
             # An init process as PID 1 forwards SIGTERM and reaps what steps leave behind.
             linux_parameters=ecs.LinuxParameters(
-                self, "LinuxParameters", init_process_enabled=True
+                scope, "LinuxParameters", init_process_enabled=True
             ),
         )
         self.service = ecs.FargateService(
-            self,
+            scope,
             "Service",
-            cluster=self.cluster,
+            cluster=cluster,
             task_definition=task_definition,
-            security_groups=[self.security_group],
+            security_groups=[security_group],
             vpc_subnets=subnets,
             assign_public_ip=False,
             platform_version=ecs.FargatePlatformVersion.LATEST,
             capacity_provider_strategies=[
                 ecs.CapacityProviderStrategy(capacity_provider=provider, weight=weight)
-                for provider, weight in settings.spot_weights.items()
+                for provider, weight in pool.spot_weights.items()
             ],
             circuit_breaker=ecs.DeploymentCircuitBreaker(enable=True, rollback=True),
             # A deployment starts the new workers before it stops the old ones, which then
@@ -183,7 +244,7 @@ class Workers(Construct):
             [
                 Acknowledgment(
                     "AwsSolutions-ECS2",
-                    "The plain environment holds only non-secret configuration (queue URL, "
+                    "The plain environment holds only non-secret configuration (queue URLs, "
                     "concurrency, code locations, database host/port/name, metric names); the "
                     "database username and password come from Secrets Manager as ECS secrets.",
                 ),

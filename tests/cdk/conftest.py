@@ -1,7 +1,8 @@
 """The CDK app built in-process, as cdk/app.py builds it, once per test run per context.
 
 Each build takes a few seconds (the Lambda bundles, the construct tree, the synth and cdk-nag),
-so the default deployment and one with every setting changed are shared by all tests.
+so the default deployment, one with every setting changed and one with several worker pools
+are shared by all tests.
 """
 
 from __future__ import annotations
@@ -43,6 +44,27 @@ CUSTOM_CONTEXT: dict[str, Any] = {
     "oldest_message_alarm_seconds": 600,
     "code_locations": "pipelines.defs,more.defs",
 }
+
+# Three worker pools, given as -c passes them (a JSON string): the default pool with a
+# high-priority lane, a FIFO high-memory pool that overrides every per-pool setting, and a
+# FIFO pool with a lane.
+POOLS = [
+    {"name": "default", "priority_lane": True},
+    {
+        "name": "high-mem",
+        "min_workers": "1",
+        "max_workers": 3,
+        "target_backlog_per_worker": 2,
+        "worker_cpu": 4096,
+        "worker_memory": 16384,
+        "steps_per_worker": 1,
+        "spot_share": 0,
+        "code_locations": "heavy.defs",
+        "fifo": True,
+    },
+    {"name": "ordered", "fifo": "true", "priority_lane": True},
+]
+POOLS_CONTEXT: dict[str, Any] = {"environment": "pools", "pools": json.dumps(POOLS)}
 
 
 @dataclass(frozen=True)
@@ -95,3 +117,8 @@ def default_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Build]:
 @pytest.fixture(scope="package")
 def custom_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Build]:
     yield build(CUSTOM_CONTEXT, tmp_path_factory.mktemp("cdk-custom"))
+
+
+@pytest.fixture(scope="package")
+def pools_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Build]:
+    yield build(POOLS_CONTEXT, tmp_path_factory.mktemp("cdk-pools"))

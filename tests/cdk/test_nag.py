@@ -35,13 +35,13 @@ def _violations(build: Build) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("which", ["default_build", "custom_build"])
+@pytest.mark.parametrize("which", ["default_build", "custom_build", "pools_build"])
 def test_no_unacknowledged_errors_or_warnings(which: str, request: pytest.FixtureRequest) -> None:
     build: Build = request.getfixturevalue(which)
     assert _violations(build) == []
 
 
-@pytest.mark.parametrize("which", ["default_build", "custom_build"])
+@pytest.mark.parametrize("which", ["default_build", "custom_build", "pools_build"])
 def test_no_cdk_errors_or_warnings(which: str, request: pytest.FixtureRequest) -> None:
     build: Build = request.getfixturevalue(which)
     annotations = Annotations.from_stack(build.stack)
@@ -69,9 +69,15 @@ def test_acknowledged_findings_are_the_reviewed_ones(
     assert set(_acknowledgments(custom_build)) == EXPECTED_ACKNOWLEDGMENTS | CONTEXT_ACKNOWLEDGMENTS
 
 
-def test_every_acknowledgment_says_why(default_build: Build, custom_build: Build) -> None:
+def test_worker_pools_need_no_new_acknowledgment(default_build: Build, pools_build: Build) -> None:
+    assert _acknowledgments(pools_build) == _acknowledgments(default_build)
+
+
+def test_every_acknowledgment_says_why(
+    default_build: Build, custom_build: Build, pools_build: Build
+) -> None:
     rules_by_reason: dict[str, set[str]] = {}
-    for build in (default_build, custom_build):
+    for build in (default_build, custom_build, pools_build):
         for rule, reasons in _acknowledgments(build).items():
             for reason in reasons:
                 assert len(reason) >= MIN_REASON_LENGTH, (rule, reason)

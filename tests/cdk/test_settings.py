@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from cdk.dagster_taskiq_cdk.paths import REPO_ROOT
-from cdk.dagster_taskiq_cdk.settings import DLQ_RETENTION_SECONDS, DeploymentSettings, SettingsError
+from cdk.dagster_taskiq_cdk.settings import (
+    DLQ_RETENTION_SECONDS,
+    POOL_OVERRIDES,
+    DeploymentSettings,
+    SettingsError,
+)
 
 
 def test_defaults() -> None:
@@ -26,6 +32,59 @@ def test_defaults() -> None:
     assert settings.scale_in_stabilization_seconds == 300
     assert settings.deletion_protection is True
     assert settings.stack_name == "DagsterTaskiq-dev"
+
+
+def test_without_pools_there_is_one_default_pool_from_the_settings() -> None:
+    settings = DeploymentSettings.from_context({"max_workers": 7, "spot_share": 0})
+    assert settings.pools is None
+    (pool,) = settings.worker_pools
+    assert pool == settings.default_pool
+    assert (pool.name, pool.is_default, pool.pascal_name) == ("default", True, "Default")
+    assert (pool.min_workers, pool.max_workers, pool.target_backlog_per_worker) == (0, 7, 5)
+    assert (pool.worker_cpu, pool.worker_memory, pool.steps_per_worker) == (1024, 2048, 2)
+    assert pool.code_locations == "my_project.definitions"
+    assert (pool.priority_lane, pool.fifo) == (False, False)
+    assert pool.spot_weights == settings.spot_weights == {"FARGATE": 100}
+
+
+POOLS = [
+    {"name": "gpu-heavy", "worker_cpu": 4096, "worker_memory": "16384", "fifo": True},
+    {"name": "default", "priority_lane": "yes", "max_workers": 20},
+]
+
+
+@pytest.mark.parametrize("pools", [POOLS, json.dumps(POOLS)], ids=["cdk.json", "-c string"])
+def test_pools_fall_back_to_the_top_level_settings(pools: Any) -> None:
+    settings = DeploymentSettings.from_context(
+        {"pools": pools, "steps_per_worker": 3, "code_locations": "a.defs"}
+    )
+    gpu, default = settings.worker_pools
+    assert settings.default_pool == default
+    assert (gpu.name, gpu.pascal_name, gpu.is_default) == ("gpu-heavy", "GpuHeavy", False)
+    assert (gpu.worker_cpu, gpu.worker_memory) == (4096, 16384)
+    assert (gpu.fifo, gpu.priority_lane) == (True, False)
+    assert (gpu.steps_per_worker, gpu.code_locations, gpu.max_workers) == (3, "a.defs", 10)
+    assert (default.worker_cpu, default.worker_memory, default.max_workers) == (1024, 2048, 20)
+    assert (default.priority_lane, default.fifo) == (True, False)
+
+
+def test_every_top_level_worker_setting_can_be_overridden_per_pool() -> None:
+    overrides = {
+        "min_workers": 2,
+        "max_workers": 4,
+        "target_backlog_per_worker": 9,
+        "worker_cpu": 512,
+        "worker_memory": 4096,
+        "steps_per_worker": 6,
+        "spot_share": 100,
+        "code_locations": "other.defs",
+    }
+    assert set(overrides) == set(POOL_OVERRIDES)
+    settings = DeploymentSettings.from_context({"pools": [{"name": "default", **overrides}]})
+    pool = settings.default_pool
+    assert {name: getattr(pool, name) for name in overrides} == overrides
+    # The top-level values stay what they were.
+    assert (settings.max_workers, settings.worker_cpu) == (10, 1024)
 
 
 def test_every_setting_is_documented() -> None:
@@ -83,6 +142,67 @@ def test_feature_flags_and_lookups_in_the_context_are_not_settings() -> None:
         ({"code_locations": "a,,b"}, "'code_locations' must be one or more"),
         ({"worker_dockerfile": "../Dockerfile"}, "'worker_dockerfile' must be a path inside"),
         ({"db_min_capacity": 8, "db_max_capacity": 4}, "'db_min_capacity' and db_max_capacity"),
+        ({"pools": "default"}, "'pools' must be a JSON list of pools"),
+        ({"pools": "[]"}, "'pools' must be a JSON list of pools"),
+        ({"pools": {"name": "default"}}, "'pools' must be a JSON list of pools"),
+        ({"pools": ["default"]}, r"'pools\[0\]' must be an object with a name"),
+        ({"pools": [{"max_workers": 2}]}, r"'pools\[0\].name' must be 1-20 characters"),
+        ({"pools": [{"name": "High_Mem"}]}, r"'pools\[0\].name' must be 1-20 characters"),
+        ({"pools": [{"name": "a--b"}]}, r"'pools\[0\].name' must be 1-20 characters"),
+        ({"pools": [{"name": "x" * 21}]}, r"'pools\[0\].name' must be 1-20 characters"),
+        ({"pools": [{"name": "gpu"}]}, "'pools' must include a pool named 'default'"),
+        (
+            {"pools": [{"name": "default"}, {"name": "default"}]},
+            "'pools' names the pool 'default' twice",
+        ),
+        (
+            {"pools": [{"name": "default"}, {"name": "a-1b"}, {"name": "a1b"}]},
+            "'pools' names 'a-1b' and 'a1b', which make the same output names",
+        ),
+        (
+            {"pools": [{"name": "default", "max_worker": 3}]},
+            r"'pools\[default\]' has unknown key\(s\) max_worker; a pool takes: name, min_work",
+        ),
+        (
+            {"pools": [{"name": "default"}, {"name": "big", "worker_cpu": 4096}]},
+            r"'pools\[big\].worker_memory' must be a Fargate size for worker_cpu=4096",
+        ),
+        (
+            {"pools": [{"name": "default", "worker_cpu": 1000, "worker_memory": 2048}]},
+            r"'pools\[default\].worker_cpu' must be one of",
+        ),
+        (
+            {"pools": [{"name": "default", "min_workers": 11}]},
+            r"'pools\[default\].min_workers' must not exceed max_workers \(10\)",
+        ),
+        (
+            {"pools": [{"name": "default", "max_workers": "lots"}]},
+            r"'pools\[default\].max_workers' must be a whole number",
+        ),
+        (
+            {"pools": [{"name": "default", "steps_per_worker": 65}]},
+            r"'pools\[default\].steps_per_worker' must be between 1 and 64",
+        ),
+        (
+            {"pools": [{"name": "default", "spot_share": -1}]},
+            r"'pools\[default\].spot_share' must be a percentage",
+        ),
+        (
+            {"pools": [{"name": "default", "target_backlog_per_worker": 0}]},
+            r"'pools\[default\].target_backlog_per_worker' must be 1\+",
+        ),
+        (
+            {"pools": [{"name": "default", "code_locations": "a,"}]},
+            r"'pools\[default\].code_locations' must be one or more",
+        ),
+        (
+            {"pools": [{"name": "default", "fifo": "sometimes"}]},
+            r"'pools\[default\].fifo' must be true or false",
+        ),
+        (
+            {"pools": [{"name": "default", "priority_lane": 1}]},
+            r"'pools\[default\].priority_lane' must be true or false",
+        ),
     ],
 )
 def test_errors_name_the_setting(context: dict[str, Any], message: str) -> None:
