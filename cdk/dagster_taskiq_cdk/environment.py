@@ -11,9 +11,6 @@ PG_DB = "DAGSTER_PG_DB"
 PG_USER = "DAGSTER_PG_USER"
 PG_PASSWORD = "DAGSTER_PG_PASSWORD"
 
-# A worker pool's high-priority lane: the worker receives from it before its step queue.
-PRIORITY_QUEUE_URL = "DAGSTER_TASKIQ_PRIORITY_QUEUE_URL"
-
 # dagster_taskiq.scaler.ScalerSettings.from_env reads these.
 MIN_WORKERS = "DAGSTER_TASKIQ_MIN_WORKERS"
 MAX_WORKERS = "DAGSTER_TASKIQ_MAX_WORKERS"

@@ -18,6 +18,7 @@ from dagster_taskiq.settings import (
     ENV_CONCURRENCY,
     ENV_DATABASE_PASSWORD,
     ENV_DATABASE_URL,
+    ENV_PRIORITY_QUEUE_URL,
     ENV_QUEUE_URL,
     ENV_REGION,
 )
@@ -182,7 +183,7 @@ class PoolService:
         }
         if queues.priority_queue is not None:
             # The worker receives from the lane first, then from the step queue.
-            environment[env.PRIORITY_QUEUE_URL] = queues.priority_queue.queue_url
+            environment[ENV_PRIORITY_QUEUE_URL] = queues.priority_queue.queue_url
         task_definition.add_container(
             CONTAINER_NAME,
             image=image,

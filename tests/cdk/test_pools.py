@@ -9,11 +9,11 @@ import pytest
 from cdk.dagster_taskiq_cdk import environment as env
 from cdk.dagster_taskiq_cdk.queue import StepQueues
 from cdk.dagster_taskiq_cdk.settings import DLQ_RETENTION_SECONDS
-from dagster_taskiq import settings as package_settings
 from dagster_taskiq.settings import (
     ENV_CODE_LOCATIONS,
     ENV_CONCURRENCY,
     ENV_ECS_SERVICE,
+    ENV_PRIORITY_QUEUE_URL,
     ENV_QUEUE_URL,
 )
 
@@ -197,18 +197,13 @@ def test_each_pools_workers_read_their_own_queues(pools_build: Build) -> None:
         environment = _environment(pools_build, pool)
         assert environment[ENV_QUEUE_URL] == pools_build.resolve(queue.queue_url), pool
         if lane is None:
-            assert env.PRIORITY_QUEUE_URL not in environment
+            assert ENV_PRIORITY_QUEUE_URL not in environment
         else:
-            assert environment[env.PRIORITY_QUEUE_URL] == pools_build.resolve(lane.queue_url)
-
-
-def test_the_priority_variable_is_the_one_the_worker_reads() -> None:
-    name = getattr(package_settings, "ENV_PRIORITY_QUEUE_URL", env.PRIORITY_QUEUE_URL)
-    assert name == env.PRIORITY_QUEUE_URL == "DAGSTER_TASKIQ_PRIORITY_QUEUE_URL"
+            assert environment[ENV_PRIORITY_QUEUE_URL] == pools_build.resolve(lane.queue_url)
 
 
 def test_a_pool_without_a_lane_gets_no_priority_variable(default_build: Build) -> None:
-    assert env.PRIORITY_QUEUE_URL not in _environment(default_build, "default")
+    assert ENV_PRIORITY_QUEUE_URL not in _environment(default_build, "default")
 
 
 def test_pools_share_the_image_and_differ_in_size_and_concurrency(pools_build: Build) -> None:
