@@ -12,19 +12,26 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
 
 from dagster_taskiq.cli import cli
-from dagster_taskiq.load import executions
+from dagster_taskiq.load import executions, jobs
 from dagster_taskiq.load.faults import FaultLog
-from dagster_taskiq.load.runner import LoadRunner, local_target
-from dagster_taskiq.load.scenarios import Fault, FaultKind, Plan, Submission, fanout, slow
+from dagster_taskiq.load.runner import LoadRunner, RunLauncher, local_target
+from dagster_taskiq.load.scenarios import Fault, FaultKind, Plan, Submission, fanout, fast, slow
+from dagster_taskiq.load.sessions import RELAUNCHED, Sessions
+from dagster_taskiq.load.verify import verify
 from dagster_taskiq.settings import ledger_url
+from tests.conftest import StackFactory, start_workers
 
 RUN_BOUND = 240.0  # seconds from submission to the end of any run
 
@@ -144,3 +151,85 @@ def test_nothing_is_lost_or_completed_twice_under_every_fault(
     assert "unexplained_duplicate_execution" in forged.output
     for name in ("report.json", "report.csv", "timeline.csv", "load.png", "summary.json"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+class DyingRunWorkers(RunLauncher):
+    """Its first ``dying`` run workers exit at once, before their run starts, as one does
+    that PostgreSQL cut off while it read its run."""
+
+    def __init__(self, *args: Any, dying: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dying = dying
+        self.launched = 0
+
+    def command(self, run: DagsterRun) -> list[str]:
+        self.launched += 1
+        if self.launched <= self.dying:
+            return [sys.executable, "-c", "raise SystemExit(3)"]
+        return super().command(run)
+
+
+def launch_one(
+    stack_database_url: str, tmp_path: Path, dying: int
+) -> tuple[DagsterInstance, Sessions, str, DyingRunWorkers, str]:
+    instance = DagsterInstance.get()
+    sessions = Sessions(stack_database_url)
+    load_id = sessions.start("relaunch", {})
+    launcher = DyingRunWorkers(instance, load_id, 1, tmp_path / "run-workers", dying=dying)
+    job, config = fast(0.1)
+    run_id = launcher.submit(Submission(at=0.0, job=job, run_config=config))
+    assert launcher.wait(time.monotonic() + 120), "the run workers did not finish"
+    return instance, sessions, load_id, launcher, run_id
+
+
+def relaunch_messages(instance: DagsterInstance, run_id: str) -> list[str]:
+    return [e.message for e in instance.all_logs(run_id) if e.message.startswith(RELAUNCHED)]
+
+
+@pytest.mark.timeout(300)
+def test_a_run_whose_run_worker_died_before_it_started_is_launched_again(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    with make_stack(code_locations=(jobs.CODE_LOCATION,)) as stack:
+        start_workers(stack, 1)
+        instance, sessions, load_id, launcher, run_id = launch_one(
+            stack.database_url, tmp_path, dying=2
+        )
+        run = instance.get_run_by_id(run_id)
+        assert run is not None and run.status is DagsterRunStatus.SUCCESS
+        assert launcher.relaunched == {run_id: 2} and launcher.finished == {run_id: 0}
+        assert len(relaunch_messages(instance, run_id)) == 2
+        session = sessions.get(load_id)
+        assert session is not None
+        report = verify(instance, stack.database_url, session)
+        assert report.problems == []
+        assert report.summary["run_workers_relaunched"] == 2
+        assert report.summary["runs_as_expected"] == 1 and report.summary["executions"] == 1
+        log = (tmp_path / "run-workers" / f"{run_id}.log").read_text()
+        assert "run worker 3 exited with code 0" in log
+        sessions.dispose()
+        instance.dispose()
+
+
+@pytest.mark.timeout(300)
+def test_a_run_that_never_starts_is_failed_after_three_run_workers(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    with make_stack(code_locations=(jobs.CODE_LOCATION,)) as stack:
+        instance, sessions, load_id, launcher, run_id = launch_one(
+            stack.database_url, tmp_path, dying=3
+        )
+        run = instance.get_run_by_id(run_id)
+        assert run is not None and run.status is DagsterRunStatus.FAILURE
+        assert launcher.relaunched == {run_id: 2} and launcher.finished == {run_id: 3}
+        assert len(relaunch_messages(instance, run_id)) == 2
+        session = sessions.get(load_id)
+        assert session is not None
+        report = verify(instance, stack.database_url, session)
+        assert report.summary["run_workers_relaunched"] == 2
+        assert report.problems == [
+            f"unexpected_run_status: {run_id} (fast_job) ended FAILURE after 3 run workers, "
+            "expected SUCCESS"
+        ]
+        sessions.dispose()
+        instance.dispose()

@@ -5,12 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from dagster import DagsterRunStatus
 
 from dagster_taskiq.load import scenarios
 from dagster_taskiq.load.executions import END, START
 from dagster_taskiq.load.jobs import EXPECTED_STATUS, JOBS
+from dagster_taskiq.load.runner import must_launch_again
 from dagster_taskiq.load.scenarios import FaultKind
-from dagster_taskiq.load.verify import _attempt_endings, _classify_executions, percentiles
+from dagster_taskiq.load.sessions import RELAUNCHED
+from dagster_taskiq.load.verify import (
+    _attempt_endings,
+    _classify_executions,
+    count_relaunches,
+    percentiles,
+)
 
 
 def test_steady_load_submits_at_the_rate_for_the_duration() -> None:
@@ -110,3 +118,29 @@ def test_percentiles() -> None:
     assert percentiles([]) == {"p50": None, "p95": None, "p99": None, "max": None}
     figures = percentiles([float(i) for i in range(1, 101)])
     assert figures["p50"] == pytest.approx(50.5) and figures["max"] == 100.0
+
+
+def test_only_a_run_that_did_not_start_is_launched_again_and_only_so_often() -> None:
+    for status in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING):
+        assert must_launch_again(status, launches=1, limit=3)
+        assert must_launch_again(status, launches=2, limit=3)
+        assert not must_launch_again(status, launches=3, limit=3)
+    # Started: its steps may be running; finished: nothing to do; unknown: not guessed.
+    for other in (
+        DagsterRunStatus.STARTED,
+        DagsterRunStatus.SUCCESS,
+        DagsterRunStatus.FAILURE,
+        DagsterRunStatus.CANCELED,
+        None,
+    ):
+        assert not must_launch_again(other, launches=1, limit=3)
+
+
+def test_relaunches_are_counted_from_engine_events_once_each() -> None:
+    first = f"{RELAUNCHED} (run worker 1 of at most 3, exit code 1)"
+    second = f"{RELAUNCHED} (run worker 2 of at most 3, exit code 1)"
+    others = ["Started process for run (pid: 12).", "Launching a new run worker to resume run"]
+    assert count_relaunches([*others, first, second]) == 2
+    # Written twice: committed, the acknowledgement lost, written again.
+    assert count_relaunches([first, first, second]) == 2
+    assert count_relaunches(others) == 0

@@ -1,27 +1,29 @@
 """The load simulator: submits a plan's runs, injects its faults, samples the system,
 shows progress, and at the end verifies, writes the report and draws the picture.
 
-Runs are executed by this process, as a run worker of Dagster would: each in a thread
-of its own through the taskiq executor, at most ``max_concurrent_runs`` at once (like
-the QueuedRunCoordinator's limit); the rest wait in line. Steps go through the real
-queue to real workers.
+Each run is executed by a run worker process of its own (``dagster api execute_run``,
+as Dagster's run launcher starts) through the taskiq executor, at most
+``max_concurrent_runs`` at once (like the QueuedRunCoordinator's limit); the rest wait in
+line. A run whose run worker exited before the run started is launched again, as run
+monitoring would (``RunLauncher``). Steps go through the real queue to real workers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
-from dagster import DagsterInstance, DagsterRun, reconstructable
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, reconstructable
 from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import serialize_value
 
@@ -36,7 +38,7 @@ from dagster_taskiq.load.faults import (
     WorkerNetwork,
 )
 from dagster_taskiq.load.scenarios import Fault, FaultKind, Plan, Submission
-from dagster_taskiq.load.sessions import LOAD_TAG, Sessions
+from dagster_taskiq.load.sessions import LOAD_TAG, RELAUNCHED, Sessions
 from dagster_taskiq.load.verify import Report, verify
 from dagster_taskiq.local.stack import LocalStack, WorkerPool, local_stack
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue
@@ -44,6 +46,11 @@ from dagster_taskiq.scaling import ScalingConfig
 from dagster_taskiq.settings import ENV_DATABASE_URL, ENV_ENDPOINT_URL, ENV_QUEUE_URL
 
 SAMPLE_SECONDS = 1.0
+RUN_WORKER_LAUNCHES = 3  # per run, for a run whose run workers exit before it starts
+DATABASE_PATIENCE_SECONDS = 120.0  # to read or record a run after its run worker exited
+NOT_YET_STARTED = frozenset({DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING})
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -157,26 +164,51 @@ def configured_target(environ: dict[str, str]) -> Iterator[Target]:
 
 class RunLauncher:
     """Each run in a run worker process of its own, as Dagster's DefaultRunLauncher does
-    (``dagster api execute_run``), at most ``limit`` at once; the rest wait in line."""
+    (``dagster api execute_run``), at most ``limit`` at once; the rest wait in line.
 
-    def __init__(self, target: Target, load_id: str, limit: int, log_path: Path) -> None:
-        self.target = target
+    It also watches its run workers, as Dagster's run monitoring would: a run worker that
+    exits while its run has not started (it died on the way, say because PostgreSQL was
+    restarted while it read the run: dagster-postgres retries the connecting, not a
+    statement on a connection the server cut) leaves a run that nobody would ever start.
+    Such a run is launched again, at most ``launches`` run workers in all, each time
+    written in the run's event log (``RELAUNCHED``, which ``verify`` counts); after that
+    the run is marked failed. Only a run that never started is launched again: nothing
+    of it has run yet.
+    """
+
+    def __init__(
+        self,
+        instance: DagsterInstance,
+        load_id: str,
+        limit: int,
+        log_dir: Path,
+        *,
+        executor_config: dict[str, Any] | None = None,
+        launches: int = RUN_WORKER_LAUNCHES,
+        say: Callable[[str], None] | None = None,
+        patience: float = DATABASE_PATIENCE_SECONDS,
+    ) -> None:
+        self.instance = instance
         self.load_id = load_id
-        self.log_path = log_path
+        self.log_dir = log_dir  # one log per run: what each of its run workers printed
+        self.executor_config = executor_config or {}
+        self.launches = launches
+        self.patience = patience
+        self._say = say or (lambda text: None)
         self._slots = threading.Semaphore(limit)
         self._lock = threading.Lock()
         self.run_ids: list[str] = []
-        self.finished: dict[str, int] = {}  # run id -> the run worker's exit code
+        self.finished: dict[str, int] = {}  # run id -> the last run worker's exit code
+        self.relaunched: dict[str, int] = {}  # run id -> run workers launched again
         self._threads: list[threading.Thread] = []
 
     def submit(self, submission: Submission) -> str:
         job = jobs.JOBS[submission.job]
         run_config = {
             **submission.run_config,
-            "execution": {"config": self.target.executor_config},
+            "execution": {"config": self.executor_config},
         }
-        instance = self.target.instance
-        run = instance.create_run_for_job(
+        run = self.instance.create_run_for_job(
             job,
             run_config=run_config,
             tags={LOAD_TAG: self.load_id},
@@ -189,19 +221,93 @@ class RunLauncher:
         self._threads.append(thread)
         return run.run_id
 
-    def _execute(self, run: DagsterRun) -> None:
+    def command(self, run: DagsterRun) -> list[str]:
+        """The run worker's command line."""
         assert run.job_code_origin is not None
         args = ExecuteRunArgs(
             job_origin=run.job_code_origin,
             run_id=run.run_id,
-            instance_ref=self.target.instance.get_ref(),
+            instance_ref=self.instance.get_ref(),
             set_exit_code_on_failure=True,
         )
-        command = [sys.executable, "-m", "dagster", "api", "execute_run", serialize_value(args)]
-        with self._slots, open(self.log_path, "ab") as log:
-            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+        return [sys.executable, "-m", "dagster", "api", "execute_run", serialize_value(args)]
+
+    def _execute(self, run: DagsterRun) -> None:
+        with self._slots:
+            code = self._launch_until_started(run)
         with self._lock:
             self.finished[run.run_id] = code
+
+    def _launch_until_started(self, run: DagsterRun) -> int:
+        """Launch run workers for ``run`` until one gets it started; the last exit code."""
+        launch = 0
+        while True:
+            launch += 1
+            code = self._run_worker(run, launch)
+            status = self._patiently(
+                functools.partial(self._status, run.run_id), f"read run {run.run_id}"
+            )
+            if not must_launch_again(status, launch, self.launches):
+                if status in NOT_YET_STARTED:  # given up: fail it, as run monitoring would
+                    self._give_up(run, launch, code)
+                elif status is None:
+                    self._say(
+                        f"run {run.run_id}: its run worker exited with code {code}, and its "
+                        f"status could not be read within {self.patience:.0f} s"
+                    )
+                return code
+            why = f"{RELAUNCHED} (run worker {launch} of at most {self.launches}, exit code {code})"
+            recorded = self._patiently(
+                functools.partial(self.instance.report_engine_event, why, run),
+                f"record on run {run.run_id}",
+            )
+            if recorded is None:
+                return code  # not launched again unless it is written down
+            with self._lock:
+                self.relaunched[run.run_id] = launch
+            self._say(f"run {run.run_id} ({run.job_name}): {why}")
+
+    def _run_worker(self, run: DagsterRun, launch: int) -> int:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{run.run_id}.log", "ab") as log:
+            log.write(f"--- run worker {launch} of run {run.run_id} ({run.job_name})\n".encode())
+            log.flush()
+            code = subprocess.call(self.command(run), stdout=log, stderr=subprocess.STDOUT)
+            log.write(f"--- run worker {launch} exited with code {code}\n".encode())
+        return code
+
+    def _status(self, run_id: str) -> DagsterRunStatus:
+        run = self.instance.get_run_by_id(run_id)
+        assert run is not None, f"run {run_id} is gone"
+        return run.status
+
+    def _give_up(self, run: DagsterRun, launch: int, code: int) -> None:
+        why = (
+            f"{launch} run workers exited before the run started (the last with code {code}); "
+            "not launched again."
+        )
+        failed = self._patiently(
+            functools.partial(self.instance.report_run_failed, run, why), f"fail run {run.run_id}"
+        )
+        if failed is not None:
+            self._say(f"run {run.run_id} ({run.job_name}) marked failed: {why}")
+
+    def _patiently(self, action: Callable[[], T], what: str) -> T | None:
+        """``action``, retried while the database is unreachable, for ``patience`` seconds.
+
+        The run worker may have died of the very outage that is still going on.
+        """
+        deadline = time.monotonic() + self.patience
+        delay = 0.5
+        while True:
+            try:
+                return action()
+            except Exception as e:  # dagster-postgres and SQLAlchemy raise many kinds
+                if time.monotonic() + delay > deadline:
+                    self._say(f"could not {what}: {e}")
+                    return None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     @property
     def in_flight(self) -> int:
@@ -212,6 +318,12 @@ class RunLauncher:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         return self.in_flight == 0
+
+
+def must_launch_again(status: DagsterRunStatus | None, launches: int, limit: int) -> bool:
+    """After a run worker exited: launch another? Only for a run that has not started (no
+    step of it can have run) and only ``limit`` run workers in all."""
+    return status in NOT_YET_STARTED and launches < limit
 
 
 class LoadRunner:
@@ -238,7 +350,12 @@ class LoadRunner:
         self.load_id = self.sessions.start(plan.scenario, plan.parameters)
         output_dir.mkdir(parents=True, exist_ok=True)
         self.launcher = RunLauncher(
-            target, self.load_id, max_concurrent_runs, output_dir / "run-workers.log"
+            target.instance,
+            self.load_id,
+            max_concurrent_runs,
+            output_dir / "run-workers",
+            executor_config=target.executor_config,
+            say=self._say,
         )
         self.samples: list[Sample] = []
         self._ledger = Ledger(target.database_url, pool_size=1)

@@ -19,6 +19,9 @@ from dagster_taskiq.load.faults import FaultMark, killed_pids
 from dagster_taskiq.settings import ledger_url
 
 LOAD_TAG = "dagster-taskiq/load"  # on every run the simulator submits: the load id
+# The engine event the load's run launcher writes on a run before it launches the run
+# again, its last run worker having exited before the run started; verify counts them.
+RELAUNCHED = "Run worker exited before the run started; launching a new one"
 
 metadata = sa.MetaData()
 sessions = sa.Table(

@@ -20,7 +20,10 @@ Problems (any one makes ``verify`` exit non-zero):
 A step executed again because its worker died mid-step (killed by the load), or because
 its worker lost the step before recording an outcome (cut off until its lease ran out,
 or given back after the database failed mid-write), is at-least-once execution working
-as documented: it is counted and reported, and it is not a problem.
+as documented: it is counted and reported, and it is not a problem. So is a run launched
+again because its run worker exited before the run started (the launcher writes each
+time in the run's event log): counted per run, not a problem; a run that still did not
+start is failed by the launcher, and is one.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import json
 import statistics
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +45,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFil
 from dagster_taskiq.ledger import NON_TERMINAL, Ledger, Status, StepRecord
 from dagster_taskiq.load import executions
 from dagster_taskiq.load.jobs import EXPECTED_STATUS
-from dagster_taskiq.load.sessions import LOAD_TAG, Session
+from dagster_taskiq.load.sessions import LOAD_TAG, RELAUNCHED, Session
 from dagster_taskiq.settings import ledger_url
 
 ENDINGS = {
@@ -85,6 +89,7 @@ class RunReport:
     executions: int
     duplicates_suppressed: int
     lost_steps: int
+    run_worker_relaunches: int  # run workers launched again, the run not having started
     seconds: float | None  # submitted to finished
     problems: list[str] = field(default_factory=list)
 
@@ -126,6 +131,7 @@ class Report:
             "runs_as_expected": sum(1 for r in runs if r.status == r.expected_status),
             "runs_not_finished": sum(1 for r in runs if r.status not in FINISHED_NAMES),
             "runs_stuck": sum(1 for r in runs for p in r.problems if p.startswith("run_stuck")),
+            "run_workers_relaunched": sum(r.run_worker_relaunches for r in runs),
             "steps": len({(s.run_id, s.step_key) for s in steps}),
             "attempts": len(steps),
             "deliveries": sum(s.deliveries for s in steps),
@@ -184,15 +190,38 @@ class Report:
                 )
 
 
-def _endings(instance: DagsterInstance, run_id: str) -> dict[str, list[DagsterEventType]]:
-    """Each step's endings in the event log, in order."""
-    records = instance.get_records_for_run(run_id, of_type=ENDINGS, limit=100_000).records
+def _run_events(
+    instance: DagsterInstance, run_id: str
+) -> tuple[dict[str, list[DagsterEventType]], int]:
+    """Each step's endings in the event log, in order; and how many times the run was
+    launched again because its run worker exited before the run started.
+
+    """
+    records = instance.get_records_for_run(
+        run_id, of_type={*ENDINGS, DagsterEventType.ENGINE_EVENT}, limit=100_000
+    ).records
     endings: dict[str, list[DagsterEventType]] = defaultdict(list)
+    engine_messages: list[str] = []
     for record in records:
-        event = record.event_log_entry.dagster_event
-        if event is not None and event.step_key is not None:
+        entry = record.event_log_entry
+        event = entry.dagster_event
+        if event is None:
+            continue
+        if event.event_type is DagsterEventType.ENGINE_EVENT:
+            engine_messages.append(entry.message)
+        elif event.step_key is not None:
             endings[event.step_key].append(event.event_type)
-    return endings
+    return endings, count_relaunches(engine_messages)
+
+
+def count_relaunches(engine_messages: Iterable[str]) -> int:
+    """The run workers launched again, from a run's engine events.
+
+    Each relaunch event names its run worker, so one written twice (the write committed,
+    its acknowledgement was lost to the same outage, and the launcher wrote it again)
+    counts once.
+    """
+    return len({m for m in engine_messages if m.startswith(RELAUNCHED)})
 
 
 def _attempt_endings(events: list[DagsterEventType], attempt: int) -> int:
@@ -310,7 +339,7 @@ def verify(
     for record in sorted(records, key=lambda r: r.create_timestamp):
         run = record.dagster_run
         run_id = run.run_id
-        endings = _endings(instance, run_id)
+        endings, relaunches = _run_events(instance, run_id)
         keys = set(attempts_of[run_id]) | set(endings)
         run_steps: list[StepAttemptReport] = []
         for step_key in sorted(keys):
@@ -340,6 +369,7 @@ def verify(
             executions=sum(s.executions for s in run_steps),
             duplicates_suppressed=sum(s.duplicates_suppressed for s in run_steps),
             lost_steps=0,
+            run_worker_relaunches=relaunches,
             seconds=round(record.end_time - created, 3) if record.end_time else None,
         )
         lost: set[str] = set()
@@ -366,9 +396,10 @@ def verify(
                 f"{now - created:.0f} s after it was submitted"
             )
         elif finished and run.status.value != expected:
+            relaunched = f" after {relaunches + 1} run workers" if relaunches else ""
             report.problems.append(
-                f"unexpected_run_status: {run_id} ({run.job_name}) ended {run.status.value}, "
-                f"expected {expected}"
+                f"unexpected_run_status: {run_id} ({run.job_name}) ended {run.status.value}"
+                f"{relaunched}, expected {expected}"
             )
         runs.append(report)
         steps.extend(run_steps)
