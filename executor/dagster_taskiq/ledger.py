@@ -234,6 +234,12 @@ class Ledger:
             if isinstance(e, sa.exc.TimeoutError):
                 raise LedgerUnavailable(f"The ledger database pool timed out: {e}") from e
             raise
+        except OSError as e:
+            # pg8000 lets a socket error through unwrapped when the server goes away while
+            # it connects (a restart: BrokenPipeError), so SQLAlchemy never sees a DBAPIError.
+            raise LedgerUnavailable(
+                f"The ledger database {redact_url(self.url)} is unreachable: {e!r}"
+            ) from e
 
     def dispose(self) -> None:
         self.engine.dispose()

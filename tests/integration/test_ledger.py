@@ -766,3 +766,39 @@ def test_a_server_going_away_is_an_outage_and_a_bad_statement_is_not(
     orig = DatabaseError({"S": "FATAL", "C": state, "M": "message from the server"})
     error = sa.exc.DBAPIError.instance("SELECT 1", {}, orig, DatabaseError)
     assert _is_outage(error) is outage
+
+
+def test_a_server_dropping_connections_while_they_open_is_an_outage() -> None:
+    """A server shutting down resets connections as they open; pg8000 then raises a bare
+    socket error (BrokenPipeError, ConnectionResetError), which must read as an outage."""
+    import socket
+    import struct
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def reset_every_connection() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            # Linger 0: close() sends a reset, as a server killing its backends does.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    thread = threading.Thread(target=reset_every_connection, daemon=True)
+    thread.start()
+    store = Ledger(f"postgresql://postgres@127.0.0.1:{port}/x")
+    try:
+        for _ in range(3):
+            with pytest.raises(LedgerUnavailable):
+                store.ensure_schema()
+    finally:
+        stop.set()
+        thread.join(2)
+        listener.close()
+        store.dispose()
