@@ -34,8 +34,6 @@ from dagster._core.executor.base import Executor
 from dagster._core.executor.init import InitExecutorContext
 from dagster._core.executor.step_delegating import StepDelegatingExecutor
 from dagster._core.instance import DagsterInstance
-from dagster_postgres.utils import DagsterPostgresException
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from dagster_taskiq.ledger import Ledger, LedgerUnavailable
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue, sqs_client
@@ -70,7 +68,12 @@ from dagster_taskiq.settings import (
     database_url,
     env_or,
 )
-from dagster_taskiq.step_handler import LaunchSettings, SqsStepHandler, retry_while_unreachable
+from dagster_taskiq.step_handler import (
+    DAGSTER_STORAGE_OUTAGES,
+    LaunchSettings,
+    SqsStepHandler,
+    retry_while_unreachable,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs.client import SQSClient
@@ -257,7 +260,7 @@ class TaskiqExecutor(StepDelegatingExecutor):
         return retry_while_unreachable(
             lambda: super(TaskiqExecutor, self)._pop_events(instance, run_id, seen_storage_ids),
             time.monotonic() + self._unreachable_retry_seconds,
-            errors=(OperationalError, InterfaceError, DagsterPostgresException),
+            errors=DAGSTER_STORAGE_OUTAGES,
             what="The event log",
         )
 

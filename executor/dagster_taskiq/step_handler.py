@@ -21,8 +21,10 @@ from dagster._core.executor.step_delegating import (
     StepHandlerContext,
 )
 from dagster._serdes import serialize_value
+from dagster_postgres.utils import DagsterPostgresException
 from dagster_shared.error import SerializableErrorInfo
 from dagster_shared.record import copy
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from dagster_taskiq.attempts import attempt_outcome
 from dagster_taskiq.ledger import Ledger, LedgerUnavailable, Status
@@ -33,6 +35,9 @@ from dagster_taskiq.scale_trigger import ScaleOutTrigger
 
 T = TypeVar("T")
 log = logging.getLogger("dagster_taskiq")
+
+# What Dagster's PostgreSQL storage raises when the database restarts or fails over.
+DAGSTER_STORAGE_OUTAGES = (OperationalError, InterfaceError, DagsterPostgresException)
 
 
 @dataclass(frozen=True)
@@ -164,17 +169,25 @@ class SqsStepHandler(StepHandler):
         if trigger is not None:
             trigger.steps_launched()
         lane = " (priority lane)" if destination.in_priority_lane else ""
-        yield DagsterEvent.step_worker_starting(
-            step_handler_context.get_step_context(step_key),
-            message=f'Queued step "{step_key}" (attempt {attempt + 1}) on queue '
-            f'"{destination.route.name}"{lane}.',
-            metadata={
-                "idempotency_key": MetadataValue.text(key),
-                "message_id": MetadataValue.text(message_id),
-                "queue": MetadataValue.text(destination.route.name),
-                "queue_url": MetadataValue.text(queue.url),
-                "priority": MetadataValue.int(destination.priority),
-            },
+        # Creating the event writes it to the event log: a database restart mid-write
+        # would otherwise fail the whole run for a step that is safely queued. A write
+        # retried after a lost answer shows the event twice, which harms nothing.
+        yield retry_while_unreachable(
+            lambda: DagsterEvent.step_worker_starting(
+                step_handler_context.get_step_context(step_key),
+                message=f'Queued step "{step_key}" (attempt {attempt + 1}) on queue '
+                f'"{destination.route.name}"{lane}.',
+                metadata={
+                    "idempotency_key": MetadataValue.text(key),
+                    "message_id": MetadataValue.text(message_id),
+                    "queue": MetadataValue.text(destination.route.name),
+                    "queue_url": MetadataValue.text(queue.url),
+                    "priority": MetadataValue.int(destination.priority),
+                },
+            ),
+            time.monotonic() + self._settings.retry_seconds,
+            errors=DAGSTER_STORAGE_OUTAGES,
+            what="The event log",
         )
 
     def _fail_at_launch(

@@ -49,6 +49,7 @@ SAMPLE_SECONDS = 1.0
 RUN_WORKER_LAUNCHES = 3  # per run, for a run whose run workers exit before it starts
 DATABASE_PATIENCE_SECONDS = 120.0  # to read or record a run after its run worker exited
 NOT_YET_STARTED = frozenset({DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING})
+RUNS_START_PATIENCE = 60.0  # seconds a fault waits for runs to start (once_runs_started)
 
 T = TypeVar("T")
 
@@ -281,6 +282,13 @@ class RunLauncher:
         assert run is not None, f"run {run_id} is gone"
         return run.status
 
+    def status(self, run_id: str) -> DagsterRunStatus | None:
+        """The run's status, or None when it cannot be read now."""
+        try:
+            return self._status(run_id)
+        except Exception:  # dagster-postgres and SQLAlchemy raise many kinds
+            return None
+
     def _give_up(self, run: DagsterRun, launch: int, code: int) -> None:
         why = (
             f"{launch} run workers exited before the run started (the last with code {code}); "
@@ -379,10 +387,25 @@ class LoadRunner:
         for fault in sorted(self.plan.faults, key=lambda f: f.at):
             if not self._sleep_until(fault.at):
                 return
+            if fault.once_runs_started:
+                self._wait_for_runs_to_start(RUNS_START_PATIENCE)
             try:
                 self._inject(fault)
             except Exception as e:
                 self._say(f"fault {fault.kind.value} could not be injected: {e}")
+
+    def _wait_for_runs_to_start(self, patience: float) -> None:
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline and not self._stop.is_set():
+            waiting = [
+                run_id
+                for run_id in list(self.launcher.run_ids)
+                if self.launcher.status(run_id) in NOT_YET_STARTED
+            ]
+            if not waiting:
+                return
+            self._stop.wait(0.5)
+        self._say("runs still starting; injecting the fault anyway")
 
     def _inject(self, fault: Fault) -> FaultMark | None:
         target = self.target

@@ -37,6 +37,9 @@ class Fault:
     kind: FaultKind
     seconds: float = 0.0  # how long it lasts, for faults with a duration
     count: int = 1  # how many, for faults that come in numbers
+    # Held back (a minute at most) until every run submitted so far has started: for a
+    # fault meant for the executor and the workers, not for Dagster's own run start.
+    once_runs_started: bool = False
 
 
 @dataclass(frozen=True)
