@@ -91,7 +91,7 @@ def forge_a_second_execution(database_url: str, load_id: str) -> None:
         )
         conn.execute(
             executions.executions.insert().values(
-                {k: v for k, v in row.items() if k not in {"id", "at"}}
+                {k: v for k, v in row.items() if k not in {"id", "at", "record_id"}}
             )
         )
     engine.dispose()

@@ -9,11 +9,14 @@ not go down with the network the load run cuts between workers and the database.
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from dagster_taskiq.settings import ENV_DATABASE_URL, ledger_url
 from dagster_taskiq.worker.attempt_context import current_attempt
@@ -25,6 +28,8 @@ executions = sa.Table(
     "dagster_taskiq_load_executions",
     metadata,
     sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+    # One per call of record(): a write retried after a lost answer is not counted twice.
+    sa.Column("record_id", sa.Text, unique=True),
     sa.Column("run_id", sa.Text, nullable=False),
     sa.Column("step_key", sa.Text, nullable=False),
     sa.Column("retry_number", sa.Integer, nullable=False),
@@ -64,22 +69,37 @@ def _engine() -> sa.Engine:
     return engine
 
 
+# The instrument outlives the faults it watches: a database restart must not fail the op.
+RECORD_PATIENCE_SECONDS = 60.0
+
+
 def record(run_id: str, step_key: str, retry_number: int, phase: str) -> None:
     """Record one start or end of an op body, under the attempt the worker runs."""
     attempt = current_attempt()
-    with _engine().begin() as conn:
-        conn.execute(
-            executions.insert().values(
-                run_id=run_id,
-                step_key=step_key,
-                retry_number=retry_number,
-                phase=phase,
-                fencing_token=attempt.fencing_token if attempt else None,
-                worker_id=attempt.worker_id if attempt else None,
-                worker_pid=os.getppid(),
-                process_pid=os.getpid(),
-            )
-        )
+    values = {
+        "record_id": uuid.uuid4().hex,
+        "run_id": run_id,
+        "step_key": step_key,
+        "retry_number": retry_number,
+        "phase": phase,
+        "fencing_token": attempt.fencing_token if attempt else None,
+        "worker_id": attempt.worker_id if attempt else None,
+        "worker_pid": os.getppid(),
+        "process_pid": os.getpid(),
+    }
+    statement = pg_insert(executions).values(values).on_conflict_do_nothing()
+    deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
+    delay = 0.2
+    while True:
+        try:
+            with _engine().begin() as conn:
+                conn.execute(statement)
+            return
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DatabaseError, OSError):
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def rows_for_runs(engine: sa.Engine, run_ids: Iterable[str]) -> list[dict[str, Any]]:

@@ -490,14 +490,16 @@ class LoadRunner:
         threads[0].join()
         self._sleep_until(self.plan.duration)
         finished = self.launcher.wait(time.monotonic() + self.drain_timeout)
-        self._stop.set()
-        for thread in threads:
-            thread.join(30)
         self._say(
             "all runs finished"
             if finished
             else f"{self.launcher.in_flight} runs still running after {self.drain_timeout:.0f} s"
         )
+        if finished:
+            self._settle(2 * self.plan.lease_seconds + 30)
+        self._stop.set()
+        for thread in threads:
+            thread.join(30)
         self.sessions.finish(self.load_id, self.faults.marks)
         session = self.sessions.get(self.load_id)
         assert session is not None
@@ -512,6 +514,22 @@ class LoadRunner:
         self._ledger.dispose()
         self.sessions.dispose()
         return result
+
+
+    def _settle(self, patience: float) -> None:
+        """Wait for the queue to empty: a duplicate copy that met its step still running
+        was hidden until the lease would end, and is counted as suppressed only once a
+        worker has received it again."""
+        deadline = time.monotonic() + patience
+        left: int | None = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(QueueUnavailable):
+                depth = self.target.queue.depth()
+                left = depth.visible + depth.delayed + depth.in_flight
+                if left == 0:
+                    return
+            time.sleep(1.0)
+        self._say(f"the queue still holds {_n(left)} messages after {patience:.0f} s")
 
 
 def _n(value: int | None) -> str:
