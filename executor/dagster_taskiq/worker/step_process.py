@@ -78,12 +78,14 @@ def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...])
     from dagster._utils.interrupts import capture_interrupts, pop_captured_interrupt
 
     from dagster_taskiq.worker.execution import execute
+    from dagster_taskiq.worker.plans import PlanCache
     from dagster_taskiq.worker.storage import keep_connections, ride_out_database_outages
 
     ride_out_database_outages()
     instance = DagsterInstance.get()
     keep_connections(instance)
     _preload(locations)
+    plans = PlanCache()
     conn.send("ready")
     with capture_interrupts():
         while True:
@@ -94,7 +96,7 @@ def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...])
             if task is None:
                 return
             pop_captured_interrupt()  # an interrupt meant for the previous step
-            conn.send(execute(instance, task))
+            conn.send(execute(instance, task, plans))
 
 
 @dataclass
