@@ -20,8 +20,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from enum import Enum
 
 from dagster import DagsterInstance, DagsterRunStatus, MetadataValue
 from dagster._core.errors import DagsterExecutionInterruptedError
@@ -36,40 +34,13 @@ from dagster._utils.error import serializable_error_info_from_exc_info
 from dagster_shared.record import copy
 
 from dagster_taskiq.attempts import AttemptOutcome, attempt_outcome
-from dagster_taskiq.messages import StepMessage
 from dagster_taskiq.worker.attempt_context import StepAttempt, set_current_attempt
+from dagster_taskiq.worker.config import CodeLocation
+from dagster_taskiq.worker.origins import origin_allowed
 from dagster_taskiq.worker.plans import PlanCache
+from dagster_taskiq.worker.tasks import Outcome, StepResult, StepTask, Vetting
 
-
-class Outcome(Enum):
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"  # cancel requested: stopped by an interrupt
-    NOT_STARTED = "not_started"  # the run is finished or cancelling
-    ALREADY_ENDED = "already_ended"  # the event log has the ending from an earlier delivery
-    # Dagster raised before the step had an ending in the event log: typically the
-    # database went away mid-write. Not the user's failure: given back, to run again.
-    NO_ENDING = "no_ending"
-
-
-@dataclass(frozen=True)
-class StepTask:
-    """What the supervisor hands a step process. Picklable."""
-
-    message: StepMessage
-    fencing_token: int
-    worker_id: str
-    delivery: int
-    previous_worker: str | None  # set on a takeover
-
-
-@dataclass(frozen=True)
-class StepResult:
-    idempotency_key: str
-    outcome: Outcome
-    succeeded: bool
-    detail: str | None
-    seconds: float
+__all__ = ["Outcome", "StepResult", "StepTask", "Vetting", "execute", "load_step_args", "vet"]
 
 
 def load_step_args(step_args: str) -> ExecuteStepArgs:
@@ -80,6 +51,16 @@ def load_step_args(step_args: str) -> ExecuteStepArgs:
     # This worker's own instance is used, never a reference from a message, and redelivery
     # of a started attempt is handled here rather than refused by Dagster's verify_step.
     return copy(args, instance_ref=None, should_verify_step=False)
+
+
+def vet(step_args: str, locations: tuple[CodeLocation, ...]) -> Vetting:
+    """Read a message's step arguments before it is claimed: malformed ones are never
+    executed, and a job from outside the worker's code locations is refused."""
+    try:
+        args = load_step_args(step_args)
+    except Exception as e:
+        return Vetting(malformed=f"step arguments do not deserialize: {e}")
+    return Vetting(refusal=origin_allowed(args.job_origin, locations))
 
 
 def execute(
