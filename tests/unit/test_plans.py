@@ -192,3 +192,44 @@ def test_the_cache_is_bounded(instance: DagsterInstance) -> None:
     assert len(plans) == 2
     plans.step_plan(instance, runs[0], ["start"], None)  # dropped first, built again
     assert (plans.misses, plans.hits) == (4, 0)
+
+
+def test_steps_run_with_the_cached_plans_and_resolve_the_run_config_once(
+    instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dagster import DagsterEventType
+    from dagster._core.system_config.objects import ResolvedRunConfig
+    from dagster._grpc.types import ExecuteStepArgs
+
+    from dagster_taskiq.worker.execution import step_events
+
+    builds = []
+    build = ResolvedRunConfig.build
+
+    def counting_build(*args: Any, **kwargs: Any) -> ResolvedRunConfig:
+        builds.append(args)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(ResolvedRunConfig, "build", staticmethod(counting_build))
+    recon = reconstructable(plain_job)
+    run = _run(instance, recon, {})
+    builds.clear()
+    plans = PlanCache()
+    steps = [
+        ("start", KnownExecutionState()),
+        ("add_one", KnownExecutionState(ready_outputs={StepOutputHandle("start", "result")})),
+    ]
+    for step_key, known_state in steps:
+        args = ExecuteStepArgs(
+            job_origin=recon.get_python_origin(),
+            run_id=run.run_id,
+            step_keys_to_execute=[step_key],
+            known_state=known_state,
+        )
+        events = list(step_events(args, instance, run, plans))
+        assert [e.event_type for e in events if e.step_key == step_key][-1] == (
+            DagsterEventType.STEP_SUCCESS
+        )
+    assert len(builds) == 1, "resolved once for the run, not again per step"
+    # add_one loaded start's output
+    assert len(instance.all_logs(run.run_id, of_type=DagsterEventType.LOADED_INPUT)) == 1

@@ -37,7 +37,7 @@ from dagster_taskiq.attempts import AttemptOutcome, attempt_outcome
 from dagster_taskiq.worker.attempt_context import StepAttempt, set_current_attempt
 from dagster_taskiq.worker.config import CodeLocation
 from dagster_taskiq.worker.origins import origin_allowed
-from dagster_taskiq.worker.plans import PlanCache
+from dagster_taskiq.worker.plans import PlanCache, reuse_resolved_run_config
 from dagster_taskiq.worker.tasks import Outcome, StepResult, StepTask, Vetting
 
 __all__ = ["Outcome", "StepResult", "StepTask", "Vetting", "execute", "load_step_args", "vet"]
@@ -177,15 +177,16 @@ def step_events(
             )
             return
 
-        recon_job, execution_plan = plans.step_plan(instance, run, step_keys, args.known_state)
-        yield from execute_plan_iterator(
-            execution_plan,
-            recon_job,
-            run,
-            instance,
-            run_config=run.run_config,
-            retry_mode=args.retry_mode,
-        )
+        run_plan, execution_plan = plans.step_plan(instance, run, step_keys, args.known_state)
+        with reuse_resolved_run_config(run_plan):
+            yield from execute_plan_iterator(
+                execution_plan,
+                run_plan.recon_job,
+                run,
+                instance,
+                run_config=run.run_config,
+                retry_mode=args.retry_mode,
+            )
     except (KeyboardInterrupt, DagsterExecutionInterruptedError):
         yield instance.report_engine_event(
             message="Step execution terminated by interrupt",
