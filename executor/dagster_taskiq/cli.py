@@ -73,7 +73,7 @@ def cli() -> None:
 @click.option(
     "--max-steps-per-process",
     type=click.IntRange(1),
-    default=200,
+    default=1000,
     show_default=True,
     help="Recycle a step process after this many steps, to bound memory.",
 )
