@@ -184,6 +184,33 @@ def rss_mb(pid: int) -> float:
     return round(float(total) / 2**20, 1)
 
 
+def memory_by_process_mb(pid: int) -> list[dict[str, Any]]:
+    """RSS, PSS and USS of the worker and each of its children: summed RSS counts the
+    pages the processes share (the interpreter, shared libraries) once per process."""
+    process = psutil.Process(pid)
+    rows = []
+    for each in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            info = each.memory_full_info()
+            rows.append(
+                {
+                    "pid": each.pid,
+                    "role": _role(each, pid),
+                    "rss": round(info.rss / 2**20, 1),
+                    "pss": round(getattr(info, "pss", info.uss) / 2**20, 1),
+                    "uss": round(info.uss / 2**20, 1),
+                }
+            )
+    return rows
+
+
+def _role(process: psutil.Process, worker_pid: int) -> str:
+    if process.pid == worker_pid:
+        return "supervisor"
+    command = " ".join(process.cmdline())
+    return "resource_tracker" if "resource_tracker" in command else "step_process"
+
+
 # -- the run --------------------------------------------------------------------------
 
 
@@ -236,6 +263,7 @@ def run(reps: int, peers: tuple[str, ...], pickup_samples: int) -> dict[str, Any
             time.sleep(2)  # idle
             assert worker_pid is not None
             report["worker_idle_rss_mb"] = rss_mb(worker_pid)
+            report["worker_idle_memory_mb"] = memory_by_process_mb(worker_pid)
     report["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     return report
 
@@ -292,6 +320,9 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"- {check['target']}: {check['value']} (at most {check['at_most']}): {mark}")
     for peer, why in report["skipped"].items():
         print(f"- {peer} skipped: {why}")
+    for row in report.get("worker_idle_memory_mb", []):
+        sizes = f"RSS {row['rss']} MB, PSS {row['pss']} MB, USS {row['uss']} MB"
+        print(f"- idle {row['role']}: {sizes}")
 
 
 def draw(report: dict[str, Any], path: Path) -> None:

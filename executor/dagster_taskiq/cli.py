@@ -100,7 +100,7 @@ def _urls(given: tuple[str, ...], env_var: str) -> tuple[str, ...]:
 @click.option(
     "--max-steps-per-process",
     type=click.IntRange(1),
-    default=200,
+    default=1000,
     show_default=True,
     help="Recycle a step process after this many steps, to bound memory.",
 )

@@ -80,6 +80,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dagster_taskiq")
 
+ACTIVE_POLL_INTERVAL = 0.02  # seconds between event-log reads while events arrive
+ACTIVE_POLL_WINDOW = 1.0  # ... that is, within this long of the last event read
+
 TASKIQ_EXECUTOR_CONFIG = {
     "queue_url": Field(
         StringSource,
@@ -188,8 +191,9 @@ TASKIQ_EXECUTOR_CONFIG = {
     "poll_interval": Field(
         float,
         default_value=0.1,
-        description="Seconds between reads of the event log. Each dependency level of a "
-        "run waits up to this long.",
+        description="Seconds between reads of the event log while no event arrives; "
+        f"within {ACTIVE_POLL_WINDOW:g} s of the last event it is read every "
+        f"{ACTIVE_POLL_INTERVAL:g} s. Each dependency level of a run waits up to this long.",
     ),
     "health_check_interval": Field(
         IntSource,
@@ -251,18 +255,35 @@ class TaskiqExecutor(StepDelegatingExecutor):
     """
 
     def __init__(self, *args: Any, unreachable_retry_seconds: float, **kwargs: Any) -> None:
+        self._last_events_at = 0.0
         super().__init__(*args, **kwargs)
         self._unreachable_retry_seconds = unreachable_retry_seconds
+
+    # Dagster's loop sleeps ``_sleep_seconds`` between reads. While events arrive (steps
+    # are finishing: the next ones wait for the read) it reads every ACTIVE_POLL_INTERVAL;
+    # a run whose steps are all busy for a while is read every ``poll_interval``.
+    @property
+    def _sleep_seconds(self) -> float:
+        if time.monotonic() - self._last_events_at < ACTIVE_POLL_WINDOW:
+            return min(self._idle_sleep_seconds, ACTIVE_POLL_INTERVAL)
+        return self._idle_sleep_seconds
+
+    @_sleep_seconds.setter
+    def _sleep_seconds(self, seconds: float) -> None:
+        self._idle_sleep_seconds = seconds
 
     def _pop_events(
         self, instance: DagsterInstance, run_id: str, seen_storage_ids: set[int]
     ) -> Sequence[DagsterEvent]:
-        return retry_while_unreachable(
+        events = retry_while_unreachable(
             lambda: super(TaskiqExecutor, self)._pop_events(instance, run_id, seen_storage_ids),
             time.monotonic() + self._unreachable_retry_seconds,
             errors=DAGSTER_STORAGE_OUTAGES,
             what="The event log",
         )
+        if events:
+            self._last_events_at = time.monotonic()
+        return events
 
 
 class TaskiqExecutorConfigError(DagsterError):

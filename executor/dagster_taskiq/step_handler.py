@@ -27,7 +27,7 @@ from dagster_shared.record import copy
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from dagster_taskiq.attempts import attempt_outcome
-from dagster_taskiq.ledger import Ledger, LedgerUnavailable, Status
+from dagster_taskiq.ledger import Ledger, LedgerUnavailable, Status, StepRecord
 from dagster_taskiq.messages import StepMessage, encode, idempotency_key
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue
 from dagster_taskiq.routing import Routing, RoutingError
@@ -38,6 +38,9 @@ log = logging.getLogger("dagster_taskiq")
 
 # What Dagster's PostgreSQL storage raises when the database restarts or fails over.
 DAGSTER_STORAGE_OUTAGES = (OperationalError, InterfaceError, DagsterPostgresException)
+# Dagster checks the health of every in-flight step in one round; one read of the run's
+# ledger records serves the round (1000 in-flight steps: one query, not 1000).
+HEALTH_SNAPSHOT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class SqsStepHandler(StepHandler):
         self._ledger = ledger
         self._settings = settings
         self._triggers = triggers or {}
+        self._snapshot: tuple[str, float, dict[str, StepRecord]] | None = None
 
     @property
     def name(self) -> str:
@@ -218,9 +222,21 @@ class SqsStepHandler(StepHandler):
             ),
         )
 
+    def _health_record(self, key: str, run_id: str) -> StepRecord | None:
+        """The ledger record, from a snapshot of the run's records at most
+        HEALTH_SNAPSHOT_SECONDS old. Statuses only move forward, and a stale non-terminal
+        one is judged healthy until the next round; a key the snapshot lacks is read."""
+        now = time.monotonic()
+        snapshot = self._snapshot
+        if snapshot is None or snapshot[0] != run_id or now - snapshot[1] > HEALTH_SNAPSHOT_SECONDS:
+            records = {r.idempotency_key: r for r in self._ledger.for_run(run_id)}
+            snapshot = self._snapshot = (run_id, now, records)
+        record = snapshot[2].get(key)
+        return record if record is not None else self._ledger.get(key)
+
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
         key, step_key, attempt = self._key(step_handler_context)
-        record = self._ledger.get(key)
+        record = self._health_record(key, step_handler_context.execute_step_args.run_id)
         if record is None:
             return CheckStepHealthResult.unhealthy(
                 f"No ledger record for {key}: the step was never queued, or its record expired."

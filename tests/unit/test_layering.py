@@ -16,6 +16,11 @@ DAGSTER_FREE = [
     "dagster_taskiq.settings",
     "dagster_taskiq.observability",
     "dagster_taskiq.worker.attempt_context",
+    # The worker's supervisor: Dagster is imported by its step processes only.
+    "dagster_taskiq.worker.run",
+    "dagster_taskiq.worker.supervisor",
+    "dagster_taskiq.worker.step_process",
+    "dagster_taskiq.worker.tasks",
 ]
 
 

@@ -515,7 +515,6 @@ class LoadRunner:
         self.sessions.dispose()
         return result
 
-
     def _settle(self, patience: float) -> None:
         """Wait for the queue to empty: a duplicate copy that met its step still running
         was hidden until the lease would end, and is counted as suppressed only once a

@@ -46,7 +46,7 @@ class WorkerSettings:
     endpoint_url: str | None = None
     concurrency: int = 2
     signing_key: str | None = None
-    max_steps_per_process: int = 200
+    max_steps_per_process: int = 1000
     wait_seconds: int = 20
     # How long a received message stays hidden before it is claimed (the claim then hides
     # it for the step's lease). Short, so that a message received by a worker that died

@@ -2,8 +2,9 @@
 
 Dagster's own ``dagster api execute_step`` body does the work (load the job from its
 origin, build the plan for one step, execute it, write events to the instance), minus
-the process start-up that costs seconds per step. Two checks come first, because a
-message can be delivered again after its attempt already ended:
+the process start-up that costs seconds per step, and minus rebuilding the job's plan for
+every step: the plans of recent runs are kept (``worker/plans.py``). Two checks come
+first, because a message can be delivered again after its attempt already ended:
 
 - the run is finished or being cancelled: do not start;
 - the event log already has this attempt's ending (a worker died after finishing the
@@ -15,54 +16,31 @@ same attempt and says so in an engine event naming the lost worker and the deliv
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from dataclasses import dataclass
-from enum import Enum
+from collections.abc import Iterator
 
-from dagster import DagsterInstance, DagsterRunStatus
-from dagster._cli.api import _execute_step_command_body
+from dagster import DagsterInstance, DagsterRunStatus, MetadataValue
 from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
+from dagster._core.execution.api import execute_plan_iterator
+from dagster._core.execution.context_creation_job import create_context_free_log_manager
+from dagster._core.snowflake_partner import set_snowflake_partner_env_var
+from dagster._core.storage.dagster_run import DagsterRun
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import deserialize_value
 from dagster._utils.error import serializable_error_info_from_exc_info
 from dagster_shared.record import copy
 
 from dagster_taskiq.attempts import AttemptOutcome, attempt_outcome
-from dagster_taskiq.messages import StepMessage
 from dagster_taskiq.worker.attempt_context import StepAttempt, set_current_attempt
+from dagster_taskiq.worker.config import CodeLocation
+from dagster_taskiq.worker.origins import origin_allowed
+from dagster_taskiq.worker.plans import PlanCache, reuse_resolved_run_config
+from dagster_taskiq.worker.tasks import Outcome, StepResult, StepTask, Vetting
 
-
-class Outcome(Enum):
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"  # cancel requested: stopped by an interrupt
-    NOT_STARTED = "not_started"  # the run is finished or cancelling
-    ALREADY_ENDED = "already_ended"  # the event log has the ending from an earlier delivery
-    # Dagster raised before the step had an ending in the event log: typically the
-    # database went away mid-write. Not the user's failure: given back, to run again.
-    NO_ENDING = "no_ending"
-
-
-@dataclass(frozen=True)
-class StepTask:
-    """What the supervisor hands a step process. Picklable."""
-
-    message: StepMessage
-    fencing_token: int
-    worker_id: str
-    delivery: int
-    previous_worker: str | None  # set on a takeover
-
-
-@dataclass(frozen=True)
-class StepResult:
-    idempotency_key: str
-    outcome: Outcome
-    succeeded: bool
-    detail: str | None
-    seconds: float
+__all__ = ["Outcome", "StepResult", "StepTask", "Vetting", "execute", "load_step_args", "vet"]
 
 
 def load_step_args(step_args: str) -> ExecuteStepArgs:
@@ -75,7 +53,19 @@ def load_step_args(step_args: str) -> ExecuteStepArgs:
     return copy(args, instance_ref=None, should_verify_step=False)
 
 
-def execute(instance: DagsterInstance, task: StepTask) -> StepResult:
+def vet(step_args: str, locations: tuple[CodeLocation, ...]) -> Vetting:
+    """Read a message's step arguments before it is claimed: malformed ones are never
+    executed, and a job from outside the worker's code locations is refused."""
+    try:
+        args = load_step_args(step_args)
+    except Exception as e:
+        return Vetting(malformed=f"step arguments do not deserialize: {e}")
+    return Vetting(refusal=origin_allowed(args.job_origin, locations))
+
+
+def execute(
+    instance: DagsterInstance, task: StepTask, plans: PlanCache | None = None
+) -> StepResult:
     message = task.message
     started = time.monotonic()
 
@@ -94,8 +84,12 @@ def execute(instance: DagsterInstance, task: StepTask) -> StepResult:
             "the run must share instance storage (DAGSTER_HOME / dagster.yaml).",
         )
     # First the ending: an attempt that ended before its worker died is recorded as it
-    # ended, even when the run has finished since.
-    ended = attempt_outcome(instance, message.run_id, message.step_key, message.attempt)
+    # ended, even when the run has finished since. Only an attempt that was claimed before
+    # (a takeover, a step given back) or delivered before can have one: the first claim of
+    # a key (fencing token 1) on its first delivery skips reading the run's endings.
+    ended = None
+    if task.fencing_token > 1 or task.delivery > 1:
+        ended = attempt_outcome(instance, message.run_id, message.step_key, message.attempt)
     if ended is not None:
         return result(
             Outcome.ALREADY_ENDED,
@@ -128,7 +122,9 @@ def execute(instance: DagsterInstance, task: StepTask) -> StepResult:
     )
     ending: DagsterEvent | None = None
     try:
-        for event in _execute_step_command_body(args, instance, run):
+        for event in step_events(
+            args, instance, run, plans if plans is not None else PlanCache(size=1)
+        ):
             if event.step_key == message.step_key and event.event_type in _ENDINGS:
                 ending = event
     except (KeyboardInterrupt, DagsterExecutionInterruptedError):
@@ -145,6 +141,68 @@ def execute(instance: DagsterInstance, task: StepTask) -> StepResult:
     if ending.event_type == DagsterEventType.STEP_SUCCESS:
         return result(Outcome.SUCCEEDED, True)
     return result(Outcome.FAILED, False, _failure_message(ending))
+
+
+def step_events(
+    args: ExecuteStepArgs, instance: DagsterInstance, run: DagsterRun, plans: PlanCache
+) -> Iterator[DagsterEvent]:
+    """Dagster's ``dagster api execute_step`` body (``dagster._cli.api``), event for
+    event, with the job and its plan taken from ``plans`` (see ``worker/plans.py``)
+    instead of being rebuilt for every step. ``args.should_verify_step`` is always off
+    here (see ``load_step_args``)."""
+    step_keys = list(args.step_keys_to_execute or [])
+    single_step_key = step_keys[0] if len(step_keys) == 1 else None
+    try:
+        if run.job_code_origin is None:
+            raise ValueError(f"Run with id '{args.run_id}' does not include an origin.")
+        location_name = run.remote_job_origin.location_name if run.remote_job_origin else None
+        instance.inject_env_vars(location_name)
+        set_snowflake_partner_env_var()
+
+        log_manager = create_context_free_log_manager(instance, run)
+        yield DagsterEvent.step_worker_started(
+            log_manager,
+            run.job_name,
+            message="Step worker started"
+            + (f' for "{single_step_key}".' if single_step_key else "."),
+            metadata={"pid": MetadataValue.text(str(os.getpid()))},
+            step_key=single_step_key,
+        )
+        if run.is_finished or run.status == DagsterRunStatus.CANCELING:
+            yield instance.report_engine_event(
+                f"Skipping step execution for {single_step_key} since the run is in status "
+                f"{run.status}",
+                run,
+                step_key=single_step_key,
+            )
+            return
+
+        run_plan, execution_plan = plans.step_plan(instance, run, step_keys, args.known_state)
+        with reuse_resolved_run_config(run_plan):
+            yield from execute_plan_iterator(
+                execution_plan,
+                run_plan.recon_job,
+                run,
+                instance,
+                run_config=run.run_config,
+                retry_mode=args.retry_mode,
+            )
+    except (KeyboardInterrupt, DagsterExecutionInterruptedError):
+        yield instance.report_engine_event(
+            message="Step execution terminated by interrupt",
+            dagster_run=run,
+            step_key=single_step_key,
+        )
+        raise
+    except Exception:
+        yield instance.report_engine_event(
+            "An exception was thrown during step execution that is likely a framework error,"
+            " rather than an error in user code.",
+            run,
+            EngineEventData.engine_error(serializable_error_info_from_exc_info(sys.exc_info())),
+            step_key=single_step_key,
+        )
+        raise
 
 
 _ENDINGS = {

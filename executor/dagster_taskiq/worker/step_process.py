@@ -1,7 +1,9 @@
 """A warm step process: imports Dagster and the code locations once, then runs one step
 at a time on its main thread, where Dagster's interrupt handling works.
 
-The supervisor talks to it over a pipe: a StepTask in, a StepResult out. SIGINT
+The supervisor talks to it over a pipe: a StepTask in, a StepResult out; or, before a
+message is claimed, a VetRequest in, a Vetting out (the supervisor itself does not import
+Dagster, which reads the step arguments). SIGINT
 interrupts the running step (cancellation); SIGKILL ends it without a word (lease lost,
 shutdown release), so that no ending is written for an attempt another worker will run.
 """
@@ -22,7 +24,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from dagster_taskiq.worker.config import CodeLocation
-from dagster_taskiq.worker.execution import StepResult, StepTask
+from dagster_taskiq.worker.tasks import StepResult, StepTask, VetRequest, Vetting
 
 _spawn = multiprocessing.get_context("spawn")
 
@@ -77,24 +79,29 @@ def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...])
     from dagster import DagsterInstance
     from dagster._utils.interrupts import capture_interrupts, pop_captured_interrupt
 
-    from dagster_taskiq.worker.execution import execute
+    from dagster_taskiq.worker.execution import execute, vet
+    from dagster_taskiq.worker.plans import PlanCache
     from dagster_taskiq.worker.storage import keep_connections, ride_out_database_outages
 
     ride_out_database_outages()
     instance = DagsterInstance.get()
     keep_connections(instance)
     _preload(locations)
+    plans = PlanCache()
     conn.send("ready")
     with capture_interrupts():
         while True:
             try:
-                task: StepTask | None = conn.recv()
+                task: StepTask | VetRequest | None = conn.recv()
             except (EOFError, OSError):
                 return
             if task is None:
                 return
+            if isinstance(task, VetRequest):
+                conn.send(vet(task.step_args, locations))
+                continue
             pop_captured_interrupt()  # an interrupt meant for the previous step
-            conn.send(execute(instance, task))
+            conn.send(execute(instance, task, plans))
 
 
 @dataclass
@@ -136,13 +143,21 @@ class StepProcess:
     def run(self, task: StepTask) -> StepResult:
         """Run the task; returns its result or raises StepProcessDied."""
         self.steps_run += 1
+        result: StepResult = self._ask(task)
+        return result
+
+    def vet(self, step_args: str) -> Vetting:
+        """Have the step process read a message's step arguments; raises StepProcessDied."""
+        vetting: Vetting = self._ask(VetRequest(step_args))
+        return vetting
+
+    def _ask(self, request: StepTask | VetRequest) -> Any:
         try:
-            self.conn.send(task)
+            self.conn.send(request)
             while True:
                 ready = multiprocessing.connection.wait([self.conn, self.process.sentinel])
                 if self.conn in ready:
-                    result: StepResult = self.conn.recv()
-                    return result
+                    return self.conn.recv()
                 if self.process.sentinel in ready:
                     raise StepProcessDied(self.process.exitcode)
         except (EOFError, OSError, BrokenPipeError) as e:

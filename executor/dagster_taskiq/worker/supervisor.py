@@ -30,11 +30,10 @@ from dagster_taskiq.observability import MetricUnit, emit_metric
 from dagster_taskiq.queue import QueueUnavailable, ReceivedMessage, SqsQueue
 from dagster_taskiq.routing import poll_order
 from dagster_taskiq.worker.config import WorkerSettings
-from dagster_taskiq.worker.execution import Outcome, StepResult, StepTask, load_step_args
 from dagster_taskiq.worker.heartbeat import Heartbeat, Lease, LeaseState
-from dagster_taskiq.worker.origins import origin_allowed
 from dagster_taskiq.worker.protection import ENV_AGENT_URI, TaskProtection
 from dagster_taskiq.worker.step_process import StepProcess, StepProcessDied
+from dagster_taskiq.worker.tasks import Outcome, StepResult, StepTask, Vetting
 
 GIVE_BACK_DELAY = 5  # seconds a step given back after a fault stays hidden
 
@@ -317,10 +316,17 @@ class Worker:
         except MessageRejected as e:
             self._reject(received, e.reason, e.detail)
             return
+        # The step process reads the step arguments: this process does not import Dagster.
         try:
-            args = load_step_args(message.step_args)
-        except Exception as e:
-            self._reject(received, "malformed", f"step arguments do not deserialize: {e}")
+            if slot.process is None:
+                raise StepProcessDied(None)
+            vetting: Vetting = slot.process.vet(message.step_args)
+        except StepProcessDied as e:
+            self.log.error("Could not read the step arguments", extra={"error": str(e)})
+            self._hide(received, GIVE_BACK_DELAY)
+            return
+        if vetting.malformed is not None:
+            self._reject(received, "malformed", vetting.malformed)
             return
 
         try:
@@ -339,10 +345,9 @@ class Worker:
 
         outcome = claim.outcome
         if outcome is ClaimOutcome.CLAIMED:
-            refusal = origin_allowed(args.job_origin, settings.code_locations)
-            if refusal is not None:
+            if vetting.refusal is not None:
                 self._complete(
-                    message, claim.fencing_token, received, succeeded=False, error=refusal
+                    message, claim.fencing_token, received, succeeded=False, error=vetting.refusal
                 )
                 return
             self._run(slot, message, claim, received)

@@ -1,0 +1,92 @@
+"""The step handler answers a health-check round from one read of the run's ledger rows."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from dagster_taskiq import step_handler
+from dagster_taskiq.ledger import Status, StepRecord
+from dagster_taskiq.routing import QueueRoute, Routing
+from dagster_taskiq.step_handler import LaunchSettings, SqsStepHandler
+
+
+def _record(key: str, status: Status = Status.RUNNING) -> StepRecord:
+    return StepRecord(
+        idempotency_key=key,
+        run_id="run",
+        step_key=key,
+        attempt=0,
+        queue_url=None,
+        status=status,
+        worker_id="w",
+        fencing_token=1,
+        lease_expires_at=None,
+        lease_live=True,
+        deliveries=1,
+        duplicates_suppressed=0,
+        payload_hash="h",
+        error=None,
+        enqueued_at=datetime.now(UTC),
+        started_at=None,
+        finished_at=None,
+        age_seconds=0.0,
+    )
+
+
+class FakeLedger:
+    def __init__(self, records: list[StepRecord]) -> None:
+        self.records = {r.idempotency_key: r for r in records}
+        self.for_run_calls = 0
+        self.get_calls = 0
+
+    def for_run(self, run_id: str) -> list[StepRecord]:
+        self.for_run_calls += 1
+        return [r for r in self.records.values() if r.run_id == run_id]
+
+    def get(self, key: str) -> StepRecord | None:
+        self.get_calls += 1
+        return self.records.get(key)
+
+
+def _handler(ledger: FakeLedger) -> SqsStepHandler:
+    settings = LaunchSettings(
+        lease_seconds=300,
+        idempotency_key_ttl=60,
+        max_message_bytes=1000,
+        signing_key=None,
+        pickup_timeout=None,
+    )
+    routing = Routing({"default": QueueRoute("default", "https://sqs/default")})
+    return SqsStepHandler(
+        queues={},
+        routing=routing,
+        ledger=ledger,  # type: ignore[arg-type]
+        settings=settings,
+    )
+
+
+def test_one_read_serves_a_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = FakeLedger([_record(f"k{i}") for i in range(100)])
+    handler = _handler(ledger)
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+
+    for i in range(100):
+        record = handler._health_record(f"k{i}", "run")
+        assert record is not None and record.idempotency_key == f"k{i}"
+    assert (ledger.for_run_calls, ledger.get_calls) == (1, 0)
+
+    # A step launched after the snapshot is read on its own, never judged missing.
+    ledger.records["late"] = _record("late")
+    assert handler._health_record("late", "run") is not None
+    assert (ledger.for_run_calls, ledger.get_calls) == (1, 1)
+
+    # The next round reads again and sees what moved.
+    ledger.records["k0"] = _record("k0", Status.DEAD_LETTERED)
+    clock[0] += step_handler.HEALTH_SNAPSHOT_SECONDS + 1
+    record = handler._health_record("k0", "run")
+    assert record is not None and record.status is Status.DEAD_LETTERED
+    assert ledger.for_run_calls == 2
