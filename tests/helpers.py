@@ -90,3 +90,20 @@ class LambdaContext:
 
     def get_remaining_time_in_millis(self) -> int:
         return int(self.deadline_seconds * 1000)
+
+
+def finished_records(ledger: Any, run_id: str, timeout: float = 30.0) -> list[Any]:
+    """The run's ledger records once every one is terminal.
+
+    A worker writes a step's events first and records its completion after, so a run can
+    end (its run worker reads the events) a moment before the ledger says so.
+    """
+    return wait_for(
+        lambda: (
+            records
+            if (records := ledger.for_run(run_id)) and all(r.status.is_terminal for r in records)
+            else None
+        ),
+        timeout=timeout,
+        what=f"the ledger records of run {run_id} to finish",
+    )

@@ -17,7 +17,7 @@ from dagster_taskiq.load.faults import DuplicatingRelay
 from dagster_taskiq.local.stack import LocalStack
 from tests import jobs
 from tests.conftest import REPO_ROOT, start_workers
-from tests.helpers import step_events
+from tests.helpers import finished_records, step_events
 
 
 def test_outputs_pass_between_steps_on_two_workers(
@@ -34,7 +34,7 @@ def test_outputs_pass_between_steps_on_two_workers(
     worker_pids = {p.pid for p in pool.processes}
     assert {r["worker_pid"] for r in rows} <= worker_pids
     assert all(r["fencing_token"] == 1 for r in rows)
-    records = ledger.for_run(result.run_id)
+    records = finished_records(ledger, result.run_id)
     assert [r.status for r in records] == [Status.SUCCEEDED] * 3
     assert all(r.deliveries == 1 and r.duplicates_suppressed == 0 for r in records)
 
@@ -46,7 +46,7 @@ def test_retry_policy_gets_its_own_key_and_succeeds(
     with execute_job(reconstructable(jobs.retry_job), instance=instance) as result:
         assert result.success
         assert result.output_for_node("fails_once") == "second attempt"
-    records = {r.idempotency_key: r for r in ledger.for_run(result.run_id)}
+    records = {r.idempotency_key: r for r in finished_records(ledger, result.run_id)}
     run_id = result.run_id
     assert set(records) == {f"{run_id}:fails_once:0", f"{run_id}:fails_once:1"}
     assert records[f"{run_id}:fails_once:0"].status is Status.FAILED
@@ -67,7 +67,7 @@ def test_failing_op_is_a_step_failure_with_the_ops_error(
     error = failures[0].step_failure_data.error
     assert error is not None
     assert "the op failed with code 42" in error.to_string()
-    (record,) = ledger.for_run(result.run_id)
+    (record,) = finished_records(ledger, result.run_id)
     assert record.status is Status.FAILED
     assert record.error is not None and "the op failed with code 42" in record.error
 
@@ -152,7 +152,7 @@ def test_executor_set_on_definitions(
     assert result.success
     (row,) = jobs.execution_rows(result.run_id)
     assert row["fencing_token"] == 1, "the op ran on a taskiq worker"
-    assert [r.status for r in ledger.for_run(result.run_id)] == [Status.SUCCEEDED]
+    assert [r.status for r in finished_records(ledger, result.run_id)] == [Status.SUCCEEDED]
 
 
 def test_messages_carry_no_instance_ref_and_no_credentials(

@@ -14,7 +14,7 @@ from dagster_taskiq.queue import SqsQueue
 from dagster_taskiq.settings import ENV_PRIORITY_QUEUE_URL
 from tests import jobs
 from tests.conftest import StackFactory, start_workers
-from tests.helpers import RunProcess, step_events, wait_for
+from tests.helpers import RunProcess, finished_records, step_events, wait_for
 
 
 def _queues(**urls: str) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def test_steps_go_to_the_queue_their_tag_names_and_its_pool_runs_them(
         reconstructable(jobs.routed_job), instance=instance, run_config=_queues(highmem=highmem_url)
     ) as result:
         assert result.success
-    records = {r.step_key: r for r in ledger.for_run(result.run_id)}
+    records = {r.step_key: r for r in finished_records(ledger, result.run_id)}
     assert records["on_default"].queue_url == stack.queue_url
     assert records["on_highmem"].queue_url == highmem_url
     ran_on = {r["step_key"]: r["worker_pid"] for r in jobs.execution_rows(result.run_id)}
@@ -61,7 +61,7 @@ def test_an_unknown_queue_name_fails_the_step_at_launch_naming_the_known_queues(
     assert "'nowhere'" in error.message and "Known queues: default, highmem" in error.message
     # The rest of the run still ran; the misrouted op's body never did.
     assert [r["step_key"] for r in jobs.execution_rows(result.run_id)] == ["on_default"]
-    records = {r.step_key: r for r in ledger.for_run(result.run_id)}
+    records = {r.step_key: r for r in finished_records(ledger, result.run_id)}
     assert records["misrouted"].status is Status.FAILED
     assert "Known queues" in (records["misrouted"].error or "")
 
@@ -122,7 +122,7 @@ def test_fifo_queue_end_to_end(make_stack: StackFactory, ledger: Ledger, group: 
             reconstructable(jobs.fanout_job), instance=instance, run_config=config
         ) as result:
             assert result.success
-        records = ledger.for_run(result.run_id)
+        records = finished_records(ledger, result.run_id)
         assert len(records) == 5
         assert all(r.status is Status.SUCCEEDED and r.deliveries == 1 for r in records)
         assert len(jobs.execution_rows(result.run_id)) == 5

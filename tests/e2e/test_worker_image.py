@@ -24,6 +24,7 @@ from dagster_taskiq.local.stack import LocalStack
 from dagster_taskiq.local.tcp_proxy import TcpProxy, postgres_target, tcp_proxy
 from tests import jobs
 from tests.conftest import REPO_ROOT, TEST_CODE_LOCATION
+from tests.helpers import finished_records
 
 IMAGE = REPO_ROOT / "worker_image"
 
@@ -88,7 +89,7 @@ def test_the_image_entrypoint_and_dagster_yaml_run_a_worker(
         assert result.success, log.read_text()
         rows = jobs.execution_rows(result.run_id)
         assert {r["worker_pid"] for r in rows} == {worker.pid}
-        assert [r.status for r in ledger.for_run(result.run_id)] == [Status.SUCCEEDED] * 3
+        assert [r.status for r in finished_records(ledger, result.run_id)] == [Status.SUCCEEDED] * 3
     finally:
         worker.terminate()
         assert worker.wait(60) == 0, log.read_text()
