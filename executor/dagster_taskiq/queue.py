@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,7 @@ class ReceivedMessage:
     body: str
     receive_count: int
     sent_timestamp_ms: int
-    queue_url: str = ""  # the queue it was received from
+    queue_url: str  # the queue it was received from
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,14 @@ class SqsQueue:
     @staticmethod
     def parse_max_receive_count(redrive_policy: str) -> int:
         return int(json.loads(redrive_policy)["maxReceiveCount"])
+
+
+def sqs_queues(
+    urls: Sequence[str], *, region: str | None = None, endpoint_url: str | None = None
+) -> list[SqsQueue]:
+    """Several queues (a pool's step queue and lane, a worker's queues) on one client."""
+    first = SqsQueue(urls[0], region=region, endpoint_url=endpoint_url)
+    return [first, *(SqsQueue(url, client=first.client) for url in urls[1:])]
 
 
 def create_queue_with_dlq(

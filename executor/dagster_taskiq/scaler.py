@@ -20,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from dagster_taskiq.ledger import Ledger, LedgerUnavailable
 from dagster_taskiq.observability import MetricUnit, emit_metric
-from dagster_taskiq.queue import QueueUnavailable, SqsQueue
+from dagster_taskiq.queue import QueueUnavailable, SqsQueue, sqs_queues
 from dagster_taskiq.scaling import (
     Decision,
     QueueSignals,
@@ -357,8 +357,11 @@ def build_scaler(settings: ScalerSettings, *, ecs_client: ECSClient | None = Non
     service = EcsWorkerService(
         ecs_client or boto3.client("ecs"), cluster=settings.cluster, service=settings.service
     )
-    first = SqsQueue(settings.queue_urls[0])
-    queues = [first, *(SqsQueue(url, client=first.client) for url in settings.queue_urls[1:])]
-    scaler = Scaler(queues=queues, ledger=ledger, service=service, config=settings.config)
+    scaler = Scaler(
+        queues=sqs_queues(settings.queue_urls),
+        ledger=ledger,
+        service=service,
+        config=settings.config,
+    )
     scaler.ensure_schema()
     return scaler

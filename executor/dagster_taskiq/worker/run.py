@@ -6,7 +6,7 @@ import dataclasses
 import os
 
 from dagster_taskiq.ledger import Ledger
-from dagster_taskiq.queue import SqsQueue
+from dagster_taskiq.queue import sqs_queues
 from dagster_taskiq.settings import ENV_DATABASE_URL, ConfigurationError
 from dagster_taskiq.settings import database_url as resolve_database_url
 from dagster_taskiq.worker.config import WorkerSettings
@@ -34,8 +34,8 @@ def run_worker(settings: WorkerSettings) -> int:
             "worker a Dagster instance with dagster-postgres storage (DAGSTER_HOME)."
         )
     settings = dataclasses.replace(settings, database_url=database_url)
-    urls = settings.all_queue_urls
-    first = SqsQueue(urls[0], region=settings.region, endpoint_url=settings.endpoint_url)
-    queues = {first.url: first, **{url: SqsQueue(url, client=first.client) for url in urls[1:]}}
+    queues = sqs_queues(
+        settings.all_queue_urls, region=settings.region, endpoint_url=settings.endpoint_url
+    )
     ledger = Ledger(database_url, pool_size=settings.concurrency + 2)
-    return Worker(settings, queues=queues, ledger=ledger).run()
+    return Worker(settings, queues={q.url: q for q in queues}, ledger=ledger).run()
