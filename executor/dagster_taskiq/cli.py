@@ -168,8 +168,11 @@ def worker(
             stop_timeout=stop_timeout,
             max_message_bytes=max_message_bytes,
         )
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    try:
         sys.exit(run_worker(settings))
-    except (ConfigurationError, ValueError) as e:
+    except ConfigurationError as e:
         raise click.ClickException(str(e)) from e
 
 
