@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from dagster_taskiq.settings import ENV_DATABASE_URL, ledger_url
+from dagster_taskiq.step_handler import retry_while_unreachable
 from dagster_taskiq.worker.attempt_context import current_attempt
 
 ENV_RECORD_URL = "DAGSTER_TASKIQ_LOAD_RECORD_URL"
@@ -88,18 +89,17 @@ def record(run_id: str, step_key: str, retry_number: int, phase: str) -> None:
         "process_pid": os.getpid(),
     }
     statement = pg_insert(executions).values(values).on_conflict_do_nothing()
-    deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
-    delay = 0.2
-    while True:
-        try:
-            with _engine().begin() as conn:
-                conn.execute(statement)
-            return
-        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DatabaseError, OSError):
-            if time.monotonic() + delay > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+
+    def write() -> None:
+        with _engine().begin() as conn:
+            conn.execute(statement)
+
+    retry_while_unreachable(
+        write,
+        time.monotonic() + RECORD_PATIENCE_SECONDS,
+        errors=(sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DatabaseError, OSError),
+        what="The execution record's database",
+    )
 
 
 def rows_for_runs(engine: sa.Engine, run_ids: Iterable[str]) -> list[dict[str, Any]]:
