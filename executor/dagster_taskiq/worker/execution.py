@@ -63,9 +63,7 @@ def vet(step_args: str, locations: tuple[CodeLocation, ...]) -> Vetting:
     return Vetting(refusal=origin_allowed(args.job_origin, locations))
 
 
-def execute(
-    instance: DagsterInstance, task: StepTask, plans: PlanCache | None = None
-) -> StepResult:
+def execute(instance: DagsterInstance, task: StepTask, plans: PlanCache) -> StepResult:
     message = task.message
     started = time.monotonic()
 
@@ -122,9 +120,7 @@ def execute(
     )
     ending: DagsterEvent | None = None
     try:
-        for event in step_events(
-            args, instance, run, plans if plans is not None else PlanCache(size=1)
-        ):
+        for event in step_events(args, instance, run, plans):
             if event.step_key == message.step_key and event.event_type in _ENDINGS:
                 ending = event
     except (KeyboardInterrupt, DagsterExecutionInterruptedError):
@@ -149,7 +145,8 @@ def step_events(
     """Dagster's ``dagster api execute_step`` body (``dagster._cli.api``), event for
     event, with the job and its plan taken from ``plans`` (see ``worker/plans.py``)
     instead of being rebuilt for every step. ``args.should_verify_step`` is always off
-    here (see ``load_step_args``)."""
+    here (see ``load_step_args``), and a finished or cancelling run never gets this far:
+    ``execute`` answers NOT_STARTED for it first."""
     step_keys = list(args.step_keys_to_execute or [])
     single_step_key = step_keys[0] if len(step_keys) == 1 else None
     try:
@@ -168,15 +165,6 @@ def step_events(
             metadata={"pid": MetadataValue.text(str(os.getpid()))},
             step_key=single_step_key,
         )
-        if run.is_finished or run.status == DagsterRunStatus.CANCELING:
-            yield instance.report_engine_event(
-                f"Skipping step execution for {single_step_key} since the run is in status "
-                f"{run.status}",
-                run,
-                step_key=single_step_key,
-            )
-            return
-
         run_plan, execution_plan = plans.step_plan(instance, run, step_keys, args.known_state)
         with reuse_resolved_run_config(run_plan):
             yield from execute_plan_iterator(
