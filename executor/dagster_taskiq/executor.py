@@ -360,12 +360,10 @@ def _routing(config: dict[str, Any]) -> Routing:
             f"`queues.{DEFAULT_QUEUE}.url` ({given['url']}). Set one of them."
         )
     # The top-level scaler settings are the default queue's worker pool's.
-    given.setdefault("scaler_function", None)
-    given.setdefault("ecs_service", None)
-    given["scaler_function"] = given["scaler_function"] or env_or(
+    given["scaler_function"] = given.get("scaler_function") or env_or(
         config.get("scaler_function"), ENV_SCALER_FUNCTION
     )
-    given["ecs_service"] = given["ecs_service"] or env_or(
+    given["ecs_service"] = given.get("ecs_service") or env_or(
         config.get("ecs_service"), ENV_ECS_SERVICE
     )
     named[DEFAULT_QUEUE] = given

@@ -397,12 +397,10 @@ class LoadRunner:
     def _wait_for_runs_to_start(self, patience: float) -> None:
         deadline = time.monotonic() + patience
         while time.monotonic() < deadline and not self._stop.is_set():
-            waiting = [
-                run_id
+            if not any(
+                self.launcher.status(run_id) in NOT_YET_STARTED
                 for run_id in list(self.launcher.run_ids)
-                if self.launcher.status(run_id) in NOT_YET_STARTED
-            ]
-            if not waiting:
+            ):
                 return
             self._stop.wait(0.5)
         self._say("runs still starting; injecting the fault anyway")

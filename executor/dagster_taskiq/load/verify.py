@@ -194,9 +194,7 @@ def _run_events(
     instance: DagsterInstance, run_id: str
 ) -> tuple[dict[str, list[DagsterEventType]], int]:
     """Each step's endings in the event log, in order; and how many times the run was
-    launched again because its run worker exited before the run started.
-
-    """
+    launched again because its run worker exited before the run started."""
     records = instance.get_records_for_run(
         run_id, of_type={*ENDINGS, DagsterEventType.ENGINE_EVENT}, limit=100_000
     ).records
