@@ -29,7 +29,7 @@ from dagster_taskiq.load.faults import FaultLog
 from dagster_taskiq.load.runner import LoadRunner, RunLauncher, local_target
 from dagster_taskiq.load.scenarios import Fault, FaultKind, Plan, Submission, fanout, fast, slow
 from dagster_taskiq.load.sessions import RELAUNCHED, Sessions
-from dagster_taskiq.load.verify import verify
+from dagster_taskiq.load.verify import Report, verify
 from dagster_taskiq.settings import ledger_url
 from tests.conftest import StackFactory, start_workers
 
@@ -172,21 +172,31 @@ class DyingRunWorkers(RunLauncher):
         return super().command(run)
 
 
-def launch_one(
-    stack_database_url: str, tmp_path: Path, dying: int
-) -> tuple[DagsterInstance, Sessions, str, DyingRunWorkers, str]:
+def relaunched_run(
+    database_url: str, tmp_path: Path, dying: int
+) -> tuple[DagsterRunStatus, DyingRunWorkers, Report, str]:
+    """One run whose first ``dying`` run workers die, launched to the end and verified:
+    its status, the launcher, the report and the run id. Either way two run workers were
+    launched again, and each relaunch is written once in the run's event log."""
     instance = DagsterInstance.get()
-    sessions = Sessions(stack_database_url)
+    sessions = Sessions(database_url)
     load_id = sessions.start("relaunch", {})
     launcher = DyingRunWorkers(instance, load_id, 1, tmp_path / "run-workers", dying=dying)
     job, config = fast(0.1)
     run_id = launcher.submit(Submission(at=0.0, job=job, run_config=config))
     assert launcher.wait(time.monotonic() + 120), "the run workers did not finish"
-    return instance, sessions, load_id, launcher, run_id
-
-
-def relaunch_messages(instance: DagsterInstance, run_id: str) -> list[str]:
-    return [e.message for e in instance.all_logs(run_id) if e.message.startswith(RELAUNCHED)]
+    run = instance.get_run_by_id(run_id)
+    assert run is not None
+    assert launcher.relaunched == {run_id: 2}
+    relaunches = [e for e in instance.all_logs(run_id) if e.message.startswith(RELAUNCHED)]
+    assert len(relaunches) == 2
+    session = sessions.get(load_id)
+    assert session is not None
+    report = verify(instance, database_url, session)
+    assert report.summary["run_workers_relaunched"] == 2
+    sessions.dispose()
+    instance.dispose()
+    return run.status, launcher, report, run_id
 
 
 @pytest.mark.timeout(300)
@@ -195,23 +205,13 @@ def test_a_run_whose_run_worker_died_before_it_started_is_launched_again(
 ) -> None:
     with make_stack(code_locations=(jobs.CODE_LOCATION,)) as stack:
         start_workers(stack, 1)
-        instance, sessions, load_id, launcher, run_id = launch_one(
-            stack.database_url, tmp_path, dying=2
-        )
-        run = instance.get_run_by_id(run_id)
-        assert run is not None and run.status is DagsterRunStatus.SUCCESS
-        assert launcher.relaunched == {run_id: 2} and launcher.finished == {run_id: 0}
-        assert len(relaunch_messages(instance, run_id)) == 2
-        session = sessions.get(load_id)
-        assert session is not None
-        report = verify(instance, stack.database_url, session)
+        status, launcher, report, run_id = relaunched_run(stack.database_url, tmp_path, dying=2)
+        assert status is DagsterRunStatus.SUCCESS
+        assert launcher.finished == {run_id: 0}
         assert report.problems == []
-        assert report.summary["run_workers_relaunched"] == 2
         assert report.summary["runs_as_expected"] == 1 and report.summary["executions"] == 1
         log = (tmp_path / "run-workers" / f"{run_id}.log").read_text()
         assert "run worker 3 exited with code 0" in log
-        sessions.dispose()
-        instance.dispose()
 
 
 @pytest.mark.timeout(300)
@@ -219,20 +219,10 @@ def test_a_run_that_never_starts_is_failed_after_three_run_workers(
     make_stack: StackFactory, tmp_path: Path
 ) -> None:
     with make_stack(code_locations=(jobs.CODE_LOCATION,)) as stack:
-        instance, sessions, load_id, launcher, run_id = launch_one(
-            stack.database_url, tmp_path, dying=3
-        )
-        run = instance.get_run_by_id(run_id)
-        assert run is not None and run.status is DagsterRunStatus.FAILURE
-        assert launcher.relaunched == {run_id: 2} and launcher.finished == {run_id: 3}
-        assert len(relaunch_messages(instance, run_id)) == 2
-        session = sessions.get(load_id)
-        assert session is not None
-        report = verify(instance, stack.database_url, session)
-        assert report.summary["run_workers_relaunched"] == 2
+        status, launcher, report, run_id = relaunched_run(stack.database_url, tmp_path, dying=3)
+        assert status is DagsterRunStatus.FAILURE
+        assert launcher.finished == {run_id: 3}
         assert report.problems == [
             f"unexpected_run_status: {run_id} (fast_job) ended FAILURE after 3 run workers, "
             "expected SUCCESS"
         ]
-        sessions.dispose()
-        instance.dispose()
