@@ -81,11 +81,16 @@ def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...])
 
     from dagster_taskiq.worker.execution import execute, vet
     from dagster_taskiq.worker.plans import PlanCache
-    from dagster_taskiq.worker.storage import keep_connections, ride_out_database_outages
+    from dagster_taskiq.worker.storage import (
+        keep_connections,
+        rewrite_cut_events,
+        ride_out_database_outages,
+    )
 
     ride_out_database_outages()
     instance = DagsterInstance.get()
     keep_connections(instance)
+    rewrite_cut_events(instance)
     _preload(locations)
     plans = PlanCache()
     conn.send("ready")

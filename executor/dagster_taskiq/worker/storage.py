@@ -11,10 +11,18 @@
   user's step. The step process waits longer instead (about 25 s), and a longer outage
   is left to the lease: the supervisor cannot renew it either, stops the step process
   once it runs out, and another worker runs the attempt again.
+- Connecting is retried, but a statement on a connection the server cuts (a restart's
+  fast shutdown) is not: a step writing one of its events at that instant would fail.
+  Events a second copy of which harms nothing (inputs, logs, engine events: a write that
+  did commit before the cut shows twice) are written again once the database is back.
+  Endings, outputs and asset events are not: a step that cannot write its ending is given
+  back and runs again (``worker/execution.py``, NO_ENDING).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 # dagster-postgres backs off exponentially from retry_wait: 0.1 s doubled 8 times ~ 25 s.
@@ -44,3 +52,46 @@ def keep_connections(instance: Any) -> None:
         pool = getattr(engine, "pool", None)
         if pool is not None and hasattr(pool, "_pre_ping"):
             pool._pre_ping = True  # what create_engine(pool_pre_ping=True) sets
+
+
+# Written again after a cut connection: nothing reads them to count or to act on them.
+REPEATABLE_EVENTS = frozenset(
+    {
+        "STEP_WORKER_STARTED",
+        "STEP_START",
+        "STEP_INPUT",
+        "LOADED_INPUT",
+        "HANDLED_OUTPUT",
+        "LOGS_CAPTURED",
+        "ENGINE_EVENT",
+        "RESOURCE_INIT_STARTED",
+        "RESOURCE_INIT_SUCCESS",
+    }
+)
+EVENT_WRITE_PATIENCE_SECONDS = 30.0
+
+
+def rewrite_cut_events(instance: Any, patience: float = EVENT_WRITE_PATIENCE_SECONDS) -> None:
+    """Write a repeatable event again when the database cut the connection mid-write."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    storage = instance.event_log_storage
+    store: Callable[[Any], None] = storage.store_event
+
+    def store_event(event: Any) -> None:
+        deadline = time.monotonic() + patience
+        delay = 0.2
+        while True:
+            try:
+                return store(event)
+            except (OperationalError, InterfaceError):
+                dagster_event = event.dagster_event
+                repeatable = dagster_event is None or (
+                    dagster_event.event_type_value in REPEATABLE_EVENTS
+                )
+                if not repeatable or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    storage.store_event = store_event
