@@ -23,7 +23,7 @@ from dagster_taskiq.load.faults import DuplicatingRelay
 from dagster_taskiq.local.stack import LocalStack
 from tests import jobs
 from tests.conftest import start_workers
-from tests.helpers import RunProcess, engine_messages, wait_for
+from tests.helpers import RunProcess, engine_messages, finished_records, wait_for
 
 LEASE = 4  # seconds: a dead worker's step is taken over after about this long
 
@@ -115,8 +115,7 @@ def test_worker_killed_mid_step_is_taken_over_and_the_run_succeeds(
     assert [r["fencing_token"] for r in starts] == [1, 2]
     assert [r["fencing_token"] for r in ends] == [2]
     assert starts[1]["worker_pid"] != victim
-    record = ledger.get(f"{result.run_id}:slow:0")
-    assert record is not None
+    (record,) = finished_records(ledger, result.run_id)
     assert record.status is Status.SUCCEEDED and record.fencing_token == 2
     assert record.deliveries >= 2
     assert any("lost its lease" in m for m in engine_messages(instance, result.run_id))
@@ -135,8 +134,8 @@ def test_sigterm_lets_a_running_step_finish(
     (result,) = run.results
     assert result.success
     assert [r["phase"] for r in jobs.execution_rows(result.run_id)] == ["start", "end"]
-    record = ledger.get(f"{result.run_id}:slow:0")
-    assert record is not None and record.status is Status.SUCCEEDED
+    (record,) = finished_records(ledger, result.run_id)
+    assert record.status is Status.SUCCEEDED
 
 
 def test_sigterm_past_the_stop_timeout_gives_the_step_back(
@@ -158,8 +157,8 @@ def test_sigterm_past_the_stop_timeout_gives_the_step_back(
     assert result.success
     phases = [r["phase"] for r in jobs.execution_rows(result.run_id)]
     assert phases == ["start", "start", "end"]
-    record = ledger.get(f"{result.run_id}:slow:0")
-    assert record is not None and record.status is Status.SUCCEEDED
+    (record,) = finished_records(ledger, result.run_id)
+    assert record.status is Status.SUCCEEDED
     assert record.fencing_token == 2
 
 
