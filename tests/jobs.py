@@ -6,6 +6,7 @@ executions: the ground truth for "ran once".
 """
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -243,3 +244,20 @@ FANOUT_OPS = _recording_ops("leaf", 5)
 def fanout_job() -> None:
     for leaf in FANOUT_OPS:
         leaf()
+
+
+# -- a step that prints (compute-log capture) ----------------------------------------------
+
+
+@op
+def prints(context: OpExecutionContext) -> None:
+    record(context, "start")
+    print(f"printed by {context.run_id}", flush=True)
+    print(f"warned by {context.run_id}", file=sys.stderr, flush=True)
+    # Straight to the file descriptor, as a subprocess of the op would write.
+    os.write(1, f"written by {context.run_id}\n".encode())
+
+
+@job(executor_def=taskiq_executor)
+def printing_job() -> None:
+    prints()

@@ -72,6 +72,30 @@ def test_failing_op_is_a_step_failure_with_the_ops_error(
     assert record.error is not None and "the op failed with code 42" in record.error
 
 
+def test_a_steps_output_is_captured_and_mirrored_to_the_workers_log(
+    stack: LocalStack, instance: DagsterInstance
+) -> None:
+    pool = start_workers(stack, 1)
+    with execute_job(reconstructable(jobs.printing_job), instance=instance) as result:
+        assert result.success
+    run_id = result.run_id
+    (captured,) = step_events(instance, run_id, DagsterEventType.LOGS_CAPTURED)
+    assert captured.logs_captured_data.step_keys == ["prints"]
+    manager = instance.compute_log_manager
+    log_key = manager.build_log_key_for_run(run_id, captured.logs_captured_data.file_key)
+    data = manager.get_log_data(log_key)
+    assert data.stdout is not None and data.stderr is not None
+    # Dagster's own log lines are captured with the op's.
+    stdout, stderr = data.stdout.decode().splitlines(), data.stderr.decode().splitlines()
+    assert f"printed by {run_id}" in stdout and f"written by {run_id}" in stdout
+    assert f"warned by {run_id}" in stderr and f"printed by {run_id}" not in stderr
+    # The worker's own output (a container's log) has it too, every line.
+    (worker,) = pool.workers
+    worker_log = (stack.root / "logs" / f"{worker.name}.log").read_text()
+    for line in (f"printed by {run_id}", f"warned by {run_id}", f"written by {run_id}"):
+        assert line in worker_log
+
+
 def test_step_processes_stay_warm_and_recycle_after_max_steps(
     make_stack: Any, ledger: Ledger
 ) -> None:

@@ -79,6 +79,7 @@ def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...])
     from dagster import DagsterInstance
     from dagster._utils.interrupts import capture_interrupts, pop_captured_interrupt
 
+    from dagster_taskiq.worker.compute_logs import mirror_with_threads
     from dagster_taskiq.worker.execution import execute, vet
     from dagster_taskiq.worker.plans import PlanCache
     from dagster_taskiq.worker.storage import (
@@ -88,6 +89,7 @@ def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...])
     )
 
     ride_out_database_outages()
+    mirror_with_threads()
     instance = DagsterInstance.get()
     keep_connections(instance)
     rewrite_cut_events(instance)

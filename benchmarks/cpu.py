@@ -1,0 +1,117 @@
+"""Where a workload's CPU goes on this executor: ``python -m benchmarks.cpu fanout_100``.
+
+Runs the workload on the local stack (one warm worker with 2 step processes, as
+``make bench`` does) after an untimed warm-up, and prints the CPU time each part used
+during the timed runs, per step: the run worker (this process), the worker's supervisor,
+its step processes, anything those start (counted when they exit), the SQS emulator and
+PostgreSQL (its server processes, ended ones included). On a 2-core machine their sum
+over the wall time says how near the run is to being CPU-bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+from dagster import DagsterInstance
+
+from benchmarks.run import REPO_ROOT, timed_run
+from dagster_taskiq.local.stack import local_stack
+
+STEPS = {"fanout_100": 101, "chain_20": 20, "sleep_20": 20, "fanout_1000": 1001}
+
+
+def _cpu(process: psutil.Process, *, with_ended_children: bool) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = times.user + times.system
+    if with_ended_children:
+        total += times.children_user + times.children_system
+    return total
+
+
+def _stack_processes(root: Path) -> tuple[int, int | None]:
+    """The SQS emulator this process started, and the PostgreSQL server on ``root``."""
+    emulator = next(
+        p.pid
+        for p in psutil.Process().children()
+        if "dagster_taskiq.local.sqs_emulator" in " ".join(p.cmdline())
+    )
+    postmaster = None
+    for process in psutil.process_iter(["name", "cmdline", "ppid"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if process.info["name"] == "postgres" and str(root) in command:
+            postmaster = process.pid
+    return emulator, postmaster
+
+
+def snapshot(worker_pid: int, emulator_pid: int, postgres_pid: int | None) -> dict[str, float]:
+    worker = psutil.Process(worker_pid)
+    step_processes = [
+        p for p in worker.children() if "resource_tracker" not in " ".join(p.cmdline())
+    ]
+    parts = {
+        "run worker": _cpu(psutil.Process(), with_ended_children=False),
+        "supervisor": _cpu(worker, with_ended_children=False),
+        "step processes": sum(_cpu(p, with_ended_children=False) for p in step_processes),
+        "started by step processes": sum(
+            _cpu(p, with_ended_children=True) - _cpu(p, with_ended_children=False)
+            for p in step_processes
+        ),
+        "SQS emulator": _cpu(psutil.Process(emulator_pid), with_ended_children=True),
+    }
+    if postgres_pid is not None:
+        server = psutil.Process(postgres_pid)
+        parts["PostgreSQL"] = _cpu(server, with_ended_children=True) + sum(
+            _cpu(p, with_ended_children=False) for p in server.children()
+        )
+    return parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("workload", choices=sorted(STEPS))
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
+    )
+    with contextlib.ExitStack() as exits:
+        root = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="dagster-cpu-")))
+        stack = exits.enter_context(local_stack(root, code_locations=("benchmarks.jobs",)))
+        stack.apply_env()
+        instance = DagsterInstance.get()
+        exits.callback(instance.dispose)
+        pool = stack.worker_pool(concurrency=2)
+        pool.scale_to(1)
+        timed_run(instance, args.workload, "taskiq", {})  # warm-up
+        # The steps of the warm-up are recorded a moment after the run ends.
+        time.sleep(2)
+        pids = (pool.processes[0].pid, *_stack_processes(root))
+        before = snapshot(*pids)
+        wall = sum(timed_run(instance, args.workload, "taskiq", {}) for _ in range(args.runs))
+        time.sleep(2)
+        after = snapshot(*pids)
+
+    steps = STEPS[args.workload] * args.runs
+    used = {part: after[part] - before[part] for part in before}
+    print(f"{args.workload}: {args.runs} runs, {steps} steps, {wall:.2f} s of wall time")
+    print(f"{'part':<28}{'CPU s':>9}{'ms per step':>14}")
+    for part, seconds in [*used.items(), ("all", sum(used.values()))]:
+        print(f"{part:<28}{seconds:>9.2f}{seconds / steps * 1000:>14.1f}")
+    print(
+        f"CPU used / (wall time x {os.cpu_count()} cores): "
+        f"{sum(used.values()) / (wall * (os.cpu_count() or 1)):.0%}"
+    )
+
+
+if __name__ == "__main__":
+    main()
