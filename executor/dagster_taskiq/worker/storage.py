@@ -3,8 +3,7 @@
 - A warm step process writes some ten events per step. dagster-postgres opens a new
   connection for each (NullPool): about a fifth of a trivial step's time went to
   connecting. The step process keeps one pooled connection per storage instead, as the
-  webserver does (``optimize_for_webserver``), checked before each use so that one
-  dropped by a restart or a network cut is replaced, not failed on.
+  webserver does, each checked before use (``dagster_taskiq/instance_storage.py``).
 - dagster-postgres retries a failed connection 5 times over about 6 s; after that the
   step's next event write raises, and Dagster records the step as failed as soon as the
   database is back: a network blip between a worker and the database would fail the
@@ -25,10 +24,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dagster_taskiq.instance_storage import MAX_OVERFLOW, POOL_RECYCLE_SECONDS, check_before_use
+
 # dagster-postgres backs off exponentially from retry_wait: 0.1 s doubled 8 times ~ 25 s.
 RETRY_LIMIT = 8
 RETRY_WAIT = 0.1
-POOL_RECYCLE_SECONDS = 3600
 
 
 def ride_out_database_outages() -> None:
@@ -45,13 +45,10 @@ def keep_connections(instance: Any) -> None:
     """Pool the instance storage's connections, each checked before use."""
     # statement_timeout 0: no limit on a step's writes (the webserver's 15 s is for reads).
     instance.optimize_for_webserver(
-        statement_timeout=0, pool_recycle=POOL_RECYCLE_SECONDS, max_overflow=4
+        statement_timeout=0, pool_recycle=POOL_RECYCLE_SECONDS, max_overflow=MAX_OVERFLOW
     )
     for name in ("_run_storage", "_event_storage", "_schedule_storage"):
-        engine = getattr(getattr(instance, name, None), "_engine", None)
-        pool = getattr(engine, "pool", None)
-        if pool is not None and hasattr(pool, "_pre_ping"):
-            pool._pre_ping = True  # what create_engine(pool_pre_ping=True) sets
+        check_before_use(getattr(getattr(instance, name, None), "_engine", None))
 
 
 # Written again after a cut connection: nothing reads them to count or to act on them.
