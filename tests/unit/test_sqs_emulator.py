@@ -1,0 +1,60 @@
+"""The emulator's changes to moto's SQS give the answers moto's own code gives."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import boto3
+import pytest
+from moto import mock_aws
+from moto.sqs import models
+
+from dagster_taskiq.local.sqs_emulator import speed_up_moto
+
+REPLACED = ["unix_time", "unix_time_millis", "is_message_valid_based_on_retention_period"]
+
+
+@pytest.fixture
+def sped_up(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # monkeypatch puts moto's own back when the test ends.
+    for owner, name in [(models, n) for n in REPLACED[:2]] + [(models.SQSBackend, REPLACED[2])]:
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    assert speed_up_moto() == REPLACED, "moto moved a name the emulator replaces"
+    with mock_aws():
+        yield
+
+
+def test_the_clock_is_moto_s(sped_up: None) -> None:
+    from moto.core.utils import unix_time, utcfromtimestamp
+
+    clock, clock_millis = getattr(models, "unix_time"), getattr(models, "unix_time_millis")  # noqa: B009
+    assert clock is not unix_time
+    assert abs(clock() - unix_time()) < 0.5
+    assert clock_millis() == pytest.approx(time.time() * 1000, abs=500)
+    moment = utcfromtimestamp(1_700_000_000)
+    assert clock(moment) == unix_time(moment) == 1_700_000_000.0
+
+
+def test_visibility_and_retention_as_sqs_keeps_them(sped_up: None) -> None:
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    url = sqs.create_queue(QueueName="steps", Attributes={"MessageRetentionPeriod": "60"})[
+        "QueueUrl"
+    ]
+    for i in range(3):
+        sqs.send_message(QueueUrl=url, MessageBody=f"m{i}")
+
+    first = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1, VisibilityTimeout=30)
+    assert [m["Body"] for m in first["Messages"]] == ["m0"]
+    rest = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+    assert sorted(m["Body"] for m in rest) == ["m1", "m2"], "a hidden message stays hidden"
+    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert attributes["ApproximateNumberOfMessagesNotVisible"] == "3"
+
+    # A message older than the retention period is gone, as in SQS.
+    backend = models.sqs_backends["123456789012"]["us-east-1"]
+    queue = backend.get_queue("steps")
+    sqs.send_message(QueueUrl=url, MessageBody="old")
+    old = next(m for m in queue._messages if m.body == "old")
+    old.sent_timestamp = int(time.time() * 1000) - 61_000  # type: ignore[assignment]
+    assert sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages") is None
