@@ -48,9 +48,9 @@ class WorkerSettings:
     signing_key: str | None = None
     max_steps_per_process: int = 1000
     wait_seconds: int = 20
-    # How long a received message stays hidden before it is claimed (the claim then hides
-    # it for the step's lease). Short, so that a message received by a worker that died
-    # before claiming it comes back soon; claiming takes milliseconds.
+    # How long a received message stays hidden before its first heartbeat, a third of
+    # this after the claim, hides it for the step's lease. Short, so that a message
+    # received by a worker that died before claiming it comes back soon.
     receive_visibility_seconds: int = 15
     stop_timeout: float = 100.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES

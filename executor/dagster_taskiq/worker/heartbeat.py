@@ -5,6 +5,11 @@ lands quickly: the ledger lease ``WHERE fencing_token = mine``; the message visi
 (every lease/3 only); and ECS task protection. A
 renewal that updates no row means the lease was lost or cancel was requested; the
 owner of the lease is told which, and stops the step.
+
+A message is received hidden for a short while (``receive_visibility_seconds``); its
+first renewal, a third of that after the claim, hides it for the lease. A step that
+ends sooner never pays for that SQS call (most steps of a fan-out), and the claim does
+not wait for it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Lease:
     on_change: Callable[[Lease], None]
     last_renewed: float = field(default_factory=time.monotonic)
     last_visibility: float = field(default_factory=time.monotonic)
+    visibility_extended: bool = False  # still hidden only as long as the receive asked
     state: LeaseState = LeaseState.HELD
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -61,15 +67,17 @@ class Heartbeat(threading.Thread):
         protection: TaskProtection,
         log: Logger,
         max_interval: float,
+        first_renewal_after: float,
     ) -> None:
         super().__init__(name="dagster-taskiq-heartbeat", daemon=True)
         self._ledger = ledger
         self._protection = protection
         self._log = log
         self._max_interval = max_interval
+        self._first_renewal_after = first_renewal_after
         self._leases: dict[str, Lease] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def add(self, lease: Lease) -> None:
         with self._lock:
@@ -80,15 +88,17 @@ class Heartbeat(threading.Thread):
             self._leases.pop(lease.key, None)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
     def run(self) -> None:
-        while not self._stop.wait(0.25):
+        while not self._stopping.wait(0.25):
             with self._lock:
                 leases = list(self._leases.values())
             now = time.monotonic()
             for lease in leases:
                 interval = min(lease.lease_seconds / 3, self._max_interval)
+                if not lease.visibility_extended:
+                    interval = min(interval, self._first_renewal_after)
                 if lease.state is LeaseState.HELD and now - lease.last_renewed >= interval:
                     try:
                         self.beat(lease)
@@ -118,11 +128,12 @@ class Heartbeat(threading.Thread):
         lease.last_renewed = now = time.monotonic()
         # The ledger lease is renewed often so a cancel lands fast; SQS visibility only
         # needs extending every lease/3, which saves most of the SQS calls.
-        if now - lease.last_visibility < lease.lease_seconds / 3:
+        if lease.visibility_extended and now - lease.last_visibility < lease.lease_seconds / 3:
             return
         try:
             lease.queue.change_visibility(lease.receipt_handle, lease.lease_seconds)
             lease.last_visibility = now
+            lease.visibility_extended = True
         except QueueUnavailable as e:
             self._log.warning(
                 "Heartbeat could not extend message visibility",

@@ -142,6 +142,7 @@ class Worker:
             protection=self.protection,
             log=self.log,
             max_interval=settings.max_heartbeat_interval,
+            first_renewal_after=settings.receive_visibility_seconds / 3,
         )
         self.slots = [Slot(i, self) for i in range(settings.concurrency)]
         self._idle: stdlib_queue.Queue[Slot] = stdlib_queue.Queue()
@@ -382,7 +383,6 @@ class Worker:
         self.heartbeat.add(lease)
         self.protection.step_started()
         try:
-            self._hide(received, message.lease_seconds)
             keys = self._keys(message, claim)
             if claim.is_takeover:
                 self.log.info("Taking over a step whose worker lost its lease", extra=keys)
