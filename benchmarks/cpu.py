@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
-from dagster import DagsterInstance
 
-from benchmarks.run import REPO_ROOT, timed_run
-from dagster_taskiq.local.stack import local_stack
+from benchmarks.run import bench_stack, timed_run
 
 STEPS = {"fanout_100": 101, "chain_20": 20, "sleep_20": 20, "fanout_1000": 1001}
 
@@ -80,16 +77,8 @@ def main() -> None:
     parser.add_argument("workload", choices=sorted(STEPS))
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
-    )
     with contextlib.ExitStack() as exits:
-        root = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="dagster-cpu-")))
-        stack = exits.enter_context(local_stack(root, code_locations=("benchmarks.jobs",)))
-        stack.apply_env()
-        instance = DagsterInstance.get()
-        exits.callback(instance.dispose)
+        root, stack, instance = bench_stack(exits)
         pool = stack.worker_pool(concurrency=2)
         pool.scale_to(1)
         timed_run(instance, args.workload, "taskiq", {})  # warm-up

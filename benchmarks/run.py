@@ -214,18 +214,25 @@ def _role(process: psutil.Process, worker_pid: int) -> str:
 # -- the run --------------------------------------------------------------------------
 
 
-def run(reps: int, peers: tuple[str, ...], pickup_samples: int) -> dict[str, Any]:
+def bench_stack(exits: contextlib.ExitStack) -> tuple[Path, LocalStack, DagsterInstance]:
+    """The local stack in a temporary directory, serving the benchmark jobs, and its
+    Dagster instance; all closed by ``exits``."""
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
     )
+    root = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="dagster-bench-")))
+    stack = exits.enter_context(local_stack(root, code_locations=("benchmarks.jobs",)))
+    stack.apply_env()
+    instance = DagsterInstance.get()
+    exits.callback(instance.dispose)
+    return root, stack, instance
+
+
+def run(reps: int, peers: tuple[str, ...], pickup_samples: int) -> dict[str, Any]:
     report: dict[str, Any] = {"workloads": {}, "skipped": {}, "reps": reps}
     with contextlib.ExitStack() as exits:
-        root = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="dagster-bench-")))
-        stack = exits.enter_context(local_stack(root, code_locations=("benchmarks.jobs",)))
-        stack.apply_env()
-        instance = DagsterInstance.get()
-        exits.callback(instance.dispose)
+        root, stack, instance = bench_stack(exits)
         configs: dict[str, dict[str, Any]] = {p: {} for p in peers}
         if "celery" in peers:
             broker, why = exits.enter_context(redis_broker())
