@@ -2,9 +2,11 @@
 
 One slot per step process. A receiver thread long-polls SQS for no more messages than
 there are idle slots and hands each to a slot; the slot's thread runs the protocol
-(decode, claim, execute, complete, delete) with plain blocking calls. A heartbeat thread
-keeps the leases alive. SIGTERM stops receiving, lets running steps finish within the
-stop timeout, and gives back the rest so another worker takes them over at once.
+(decode, claim, execute) with plain blocking calls, and a recorder thread records the
+ending (complete, delete) while the slot takes its next message. A heartbeat thread
+keeps the leases alive until their endings are recorded. SIGTERM stops receiving, lets
+running steps finish within the stop timeout, and gives back the rest so another worker
+takes them over at once.
 
 A message is deleted only after its completion was recorded under this worker's fencing
 token, or when the ledger says it must never run (already terminal, cancelled). Nothing
@@ -14,12 +16,15 @@ reach the dead-letter queue.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue as stdlib_queue
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from types import FrameType
 
 from aws_lambda_powertools import Logger
@@ -65,7 +70,8 @@ class Slot:
         self.worker = worker
         self.inbox: stdlib_queue.Queue[ReceivedMessage | None] = stdlib_queue.Queue()
         self.process: StepProcess | None = None
-        self.lease: Lease | None = None
+        self.lease: Lease | None = None  # of the step its process runs now
+        self.recording: Future[None] | None = None  # of its last step's ending
         self.busy = False
         self.thread = threading.Thread(target=self._loop, name=f"slot-{index}", daemon=True)
 
@@ -110,8 +116,8 @@ class Slot:
 
     def on_lease_change(self, lease: Lease) -> None:
         process = self.process
-        if process is None:
-            return
+        if process is None or self.lease is not lease:
+            return  # the step ended: its process may be running the next one
         if lease.state is LeaseState.CANCEL_REQUESTED:
             process.interrupt()
             threading.Timer(self.worker.settings.cancel_grace, self._kill_if_still, [lease]).start()
@@ -146,6 +152,7 @@ class Worker:
         )
         self.slots = [Slot(i, self) for i in range(settings.concurrency)]
         self._idle: stdlib_queue.Queue[Slot] = stdlib_queue.Queue()
+        self._recorder = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="recorder")
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -207,6 +214,9 @@ class Worker:
         for slot in self.slots:
             if slot.thread.is_alive():
                 slot.thread.join(30)
+        recordings = [s.recording for s in self.slots if s.recording is not None]
+        wait_for_futures(recordings, timeout=30)
+        self._recorder.shutdown(wait=False)
         self.heartbeat.stop()
         self.log.info("Worker stopped")
 
@@ -382,6 +392,7 @@ class Worker:
         slot.lease = lease
         self.heartbeat.add(lease)
         self.protection.step_started()
+        handed_over = False
         try:
             keys = self._keys(message, claim)
             if claim.is_takeover:
@@ -407,6 +418,40 @@ class Worker:
                 # A fault on this side: give the step back rather than hold it.
                 self.log.exception("Could not run the step here", extra=keys)
                 failure = f"worker error: {e}"
+            # The step process is free: the slot takes its next message while the
+            # recorder records this ending. One ending per slot waits at most.
+            slot.lease = None
+            if slot.recording is not None:
+                slot.recording.result()
+            slot.recording = self._recorder.submit(
+                functools.partial(
+                    self._record,
+                    message=message,
+                    token=token,
+                    received=received,
+                    lease=lease,
+                    result=result,
+                    failure=failure,
+                )
+            )
+            handed_over = True
+        finally:
+            slot.lease = None
+            if not handed_over:
+                self._end_lease(lease)
+
+    def _record(
+        self,
+        *,
+        message: StepMessage,
+        token: int,
+        received: ReceivedMessage,
+        lease: Lease,
+        result: StepResult | None,
+        failure: str | None,
+    ) -> None:
+        """On a recorder thread; the lease is kept alive until the ending is recorded."""
+        try:
             self._finish(
                 message=message,
                 token=token,
@@ -415,10 +460,17 @@ class Worker:
                 result=result,
                 failure=failure,
             )
+        except Exception:
+            # The message stays queued: SQS delivers it again and the ledger decides.
+            self.log.exception(
+                "Could not record a step's ending", extra={"idempotency_key": lease.key}
+            )
         finally:
-            self.heartbeat.remove(lease)
-            self.protection.step_finished()
-            slot.lease = None
+            self._end_lease(lease)
+
+    def _end_lease(self, lease: Lease) -> None:
+        self.heartbeat.remove(lease)
+        self.protection.step_finished()
 
     def _finish(
         self,
