@@ -423,36 +423,8 @@ class Worker:
             slot.lease = None
             if slot.recording is not None:
                 slot.recording.result()
-            slot.recording = self._recorder.submit(
-                functools.partial(
-                    self._record,
-                    message=message,
-                    token=token,
-                    received=received,
-                    lease=lease,
-                    result=result,
-                    failure=failure,
-                )
-            )
-            handed_over = True
-        finally:
-            slot.lease = None
-            if not handed_over:
-                self._end_lease(lease)
-
-    def _record(
-        self,
-        *,
-        message: StepMessage,
-        token: int,
-        received: ReceivedMessage,
-        lease: Lease,
-        result: StepResult | None,
-        failure: str | None,
-    ) -> None:
-        """On a recorder thread; the lease is kept alive until the ending is recorded."""
-        try:
-            self._finish(
+            finish = functools.partial(
+                self._finish,
                 message=message,
                 token=token,
                 received=received,
@@ -460,6 +432,17 @@ class Worker:
                 result=result,
                 failure=failure,
             )
+            slot.recording = self._recorder.submit(self._record, lease, finish)
+            handed_over = True
+        finally:
+            slot.lease = None
+            if not handed_over:
+                self._end_lease(lease)
+
+    def _record(self, lease: Lease, finish: Callable[[], None]) -> None:
+        """On a recorder thread; the lease is kept alive until the ending is recorded."""
+        try:
+            finish()
         except Exception:
             # The message stays queued: SQS delivers it again and the ledger decides.
             self.log.exception(
