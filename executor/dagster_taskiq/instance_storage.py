@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-POOL_RECYCLE_SECONDS = 3600
-MAX_OVERFLOW = 4
+# What ``optimize_for_webserver`` is given here. statement_timeout 0: no limit on the
+# writes of a run or a step (the webserver's 15 s is for reads).
+POOL_OPTIONS = {"statement_timeout": 0, "pool_recycle": 3600, "max_overflow": 4}
 
 
 def check_before_use(engine: Any) -> None:
@@ -37,10 +38,7 @@ def pooled_event_log(instance: Any) -> Iterator[None]:
     if original is None or not hasattr(storage, "optimize_for_webserver"):
         yield  # not dagster-postgres: nothing to pool
         return
-    # statement_timeout 0: no limit on the run's writes (the webserver's 15 s is for reads).
-    storage.optimize_for_webserver(
-        statement_timeout=0, pool_recycle=POOL_RECYCLE_SECONDS, max_overflow=MAX_OVERFLOW
-    )
+    storage.optimize_for_webserver(**POOL_OPTIONS)
     pooled = storage._engine
     check_before_use(pooled)
     try:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dagster_taskiq.instance_storage import MAX_OVERFLOW, POOL_RECYCLE_SECONDS, check_before_use
+from dagster_taskiq.instance_storage import POOL_OPTIONS, check_before_use
 
 # dagster-postgres backs off exponentially from retry_wait: 0.1 s doubled 8 times ~ 25 s.
 RETRY_LIMIT = 8
@@ -43,10 +43,7 @@ def ride_out_database_outages() -> None:
 
 def keep_connections(instance: Any) -> None:
     """Pool the instance storage's connections, each checked before use."""
-    # statement_timeout 0: no limit on a step's writes (the webserver's 15 s is for reads).
-    instance.optimize_for_webserver(
-        statement_timeout=0, pool_recycle=POOL_RECYCLE_SECONDS, max_overflow=MAX_OVERFLOW
-    )
+    instance.optimize_for_webserver(**POOL_OPTIONS)
     for name in ("_run_storage", "_event_storage", "_schedule_storage"):
         check_before_use(getattr(getattr(instance, name, None), "_engine", None))
 
