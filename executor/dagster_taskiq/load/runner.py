@@ -44,6 +44,7 @@ from dagster_taskiq.local.stack import LocalStack, WorkerPool, local_stack
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue
 from dagster_taskiq.scaling import ScalingConfig
 from dagster_taskiq.settings import ENV_DATABASE_URL, ENV_ENDPOINT_URL, ENV_QUEUE_URL
+from dagster_taskiq.step_handler import retry_while_unreachable
 
 SAMPLE_SECONDS = 1.0
 RUN_WORKER_LAUNCHES = 3  # per run, for a run whose run workers exit before it starts
@@ -305,17 +306,17 @@ class RunLauncher:
 
         The run worker may have died of the very outage that is still going on.
         """
-        deadline = time.monotonic() + self.patience
-        delay = 0.5
-        while True:
-            try:
-                return action()
-            except Exception as e:  # dagster-postgres and SQLAlchemy raise many kinds
-                if time.monotonic() + delay > deadline:
-                    self._say(f"could not {what}: {e}")
-                    return None
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        try:
+            return retry_while_unreachable(
+                action,
+                time.monotonic() + self.patience,
+                # dagster-postgres and SQLAlchemy raise many kinds
+                errors=(Exception,),
+                what=f"The database (to {what})",
+            )
+        except Exception as e:
+            self._say(f"could not {what}: {e}")
+            return None
 
     @property
     def in_flight(self) -> int:
