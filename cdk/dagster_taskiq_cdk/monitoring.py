@@ -169,9 +169,6 @@ class Monitoring(Construct):
         """A metric's label or a widget's title, naming the pool when there are several."""
         return f"{text} ({pool.name})" if self._several else text
 
-    def _id(self, pool: WorkerPool, name: str) -> str:
-        return name if pool.is_default else f"{pool.pascal_name}{name}"
-
     def _worker_service(self, monitored: MonitoredPool) -> str:
         """The scaler's metrics carry service=<cluster>/<service> (EcsWorkerService.name)."""
         return f"{self._cluster.cluster_name}/{monitored.service.service_name}"
@@ -210,7 +207,7 @@ class Monitoring(Construct):
         dead_letter_queue = queues.dead_letter_queue
         dead_letters = cloudwatch.Alarm(
             self,
-            self._id(pool, "DeadLettersNotDrained"),
+            pool.prefixed("DeadLettersNotDrained"),
             alarm_description=(
                 f"{of_pool}The dead-letter queue has held messages for 15 minutes. The DLQ "
                 "processor normally takes each dead letter within seconds (and alerts for it): "
@@ -238,7 +235,7 @@ class Monitoring(Construct):
         def waiting_too_long(queue: sqs.IQueue, name: str, what: str) -> cloudwatch.Alarm:
             return cloudwatch.Alarm(
                 self,
-                self._id(pool, name),
+                pool.prefixed(name),
                 alarm_description=(
                     f"{of_pool}A {what} has waited over "
                     f"{self._settings.oldest_message_alarm_seconds} s for a worker: the workers "
@@ -264,7 +261,7 @@ class Monitoring(Construct):
         )
         scaler = cloudwatch.Alarm(
             self,
-            self._id(pool, "ScalerFailing"),
+            pool.prefixed("ScalerFailing"),
             alarm_description=(
                 f"{of_pool}The scaler Lambda failed, or could not read the queue, the ledger or "
                 "the service: the worker count is not following the queue."

@@ -133,6 +133,11 @@ class WorkerPool:
         """``high-mem`` -> ``HighMem``: the prefix of the pool's outputs and construct ids."""
         return pascal_case(self.name)
 
+    def prefixed(self, name: str) -> str:
+        """An output's or construct's id for this pool: the default pool's keep the ids they
+        had before there were pools; another pool's start with its PascalCase name."""
+        return name if self.is_default else f"{self.pascal_name}{name}"
+
     @property
     def spot_weights(self) -> dict[str, int]:
         """Capacity provider -> weight; a provider with no weight is left out."""
@@ -217,11 +222,6 @@ class DeploymentSettings:
     def worker_stop_timeout(self) -> int:
         """The worker's own --stop-timeout: leaves time to give steps back before SIGKILL."""
         return self.stop_timeout - WORKER_GIVE_BACK_SECONDS
-
-    @property
-    def spot_weights(self) -> dict[str, int]:
-        """Capacity provider -> weight; a provider with no weight is left out."""
-        return self.default_pool.spot_weights
 
     @property
     def worker_pools(self) -> tuple[WorkerPool, ...]:

@@ -171,7 +171,6 @@ class DagsterTaskiqStack(Stack):
         its PascalCase name: ``HighMemQueueUrl``, ``HighMemPriorityQueueUrl``, ..."""
         for pool in self.settings.worker_pools:
             queues = self.pool_queues[pool.name]
-            prefix = "" if pool.is_default else pool.pascal_name
             outputs: dict[str, tuple[str, str]] = {}
             if not pool.is_default:
                 outputs |= {
@@ -195,7 +194,7 @@ class DagsterTaskiqStack(Stack):
                     f"pool {pool.name}: its high-priority lane",
                 )
             for name, (value, description) in outputs.items():
-                CfnOutput(self, f"{prefix}{name}", value=value, description=description)
+                CfnOutput(self, pool.prefixed(name), value=value, description=description)
 
 
 def _pool_id(pool: WorkerPool, base: str) -> str:

@@ -122,11 +122,6 @@ class Workers(Construct):
         self.task_definition = default.task_definition
         self.log_group = default.log_group
 
-    @property
-    def service_arn(self) -> str:
-        """The default pool's service."""
-        return self.service.service_arn
-
 
 class PoolService:
     """One pool's task definition, log group and Fargate service, built into ``scope``."""
@@ -234,10 +229,6 @@ class PoolService:
         cfn_service.add_property_deletion_override("DesiredCount")
         self.task_definition = task_definition
         self._acknowledge()
-
-    @property
-    def service_arn(self) -> str:
-        return self.service.service_arn
 
     def _acknowledge(self) -> None:
         acknowledge(

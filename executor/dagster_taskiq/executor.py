@@ -312,11 +312,6 @@ class ExecutorSettings:
     ecs_cluster: str | None = None
     scale_out_debounce: int = 30
 
-    @property
-    def queue_url(self) -> str:
-        """The default queue."""
-        return self.routing.routes[DEFAULT_QUEUE].url
-
     @classmethod
     def resolve(cls, config: dict[str, Any], instance: DagsterInstance) -> ExecutorSettings:
         url = database_url(config.get("database_url"), os.environ)

@@ -316,11 +316,6 @@ class ScalerSettings:
     config: ScalingConfig
     evaluations_per_invocation: int = 3
 
-    @property
-    def queue_url(self) -> str:
-        """The pool's step queue (the first of its queues)."""
-        return self.queue_urls[0]
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ScalerSettings:
         evaluations = _int(environ, "DAGSTER_TASKIQ_SCALER_EVALUATIONS", 3)

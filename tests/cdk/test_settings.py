@@ -23,7 +23,7 @@ def test_defaults() -> None:
     assert settings.target_backlog_per_worker == 5
     assert (settings.worker_cpu, settings.worker_memory) == (1024, 2048)
     assert settings.steps_per_worker == 2
-    assert settings.spot_weights == {"FARGATE": 50, "FARGATE_SPOT": 50}
+    assert settings.default_pool.spot_weights == {"FARGATE": 50, "FARGATE_SPOT": 50}
     assert settings.alert_email is None and settings.dagster_ui_url is None
     assert settings.vpc_id is None
     assert (settings.max_receive_count, settings.visibility_timeout) == (5, 300)
@@ -44,7 +44,7 @@ def test_without_pools_there_is_one_default_pool_from_the_settings() -> None:
     assert (pool.worker_cpu, pool.worker_memory, pool.steps_per_worker) == (1024, 2048, 2)
     assert pool.code_locations == "my_project.definitions"
     assert (pool.priority_lane, pool.fifo) == (False, False)
-    assert pool.spot_weights == settings.spot_weights == {"FARGATE": 100}
+    assert pool.spot_weights == settings.default_pool.spot_weights == {"FARGATE": 100}
 
 
 POOLS = [
@@ -104,7 +104,7 @@ def test_cli_strings_are_parsed() -> None:
         }
     )
     assert settings.max_workers == 20
-    assert settings.spot_weights == {"FARGATE": 100}
+    assert settings.default_pool.spot_weights == {"FARGATE": 100}
     assert settings.deletion_protection is False
     assert settings.db_min_capacity == 0
     assert settings.alert_email is None

@@ -227,7 +227,7 @@ def _drain(queue: SqsQueue) -> None:
 def test_a_pool_reads_every_queue_it_is_given(world: ScalerWorld, lane: SqsQueue) -> None:
     scaler, settings = handler._scaler()
     assert settings.queue_urls == (world.queue.url, lane.url)
-    assert settings.queue_url == world.queue.url
+    assert settings.queue_urls[0] == world.queue.url
     assert [queue.url for queue in scaler.queues] == [world.queue.url, lane.url]
 
 
@@ -300,7 +300,7 @@ def test_one_unreadable_queue_keeps_the_count(world: ScalerWorld, lane: SqsQueue
 def test_queue_urls_are_comma_separated(raw: str, urls: tuple[str, ...]) -> None:
     settings = ScalerSettings.from_env(_scaler_environment(raw))
     assert settings.queue_urls == urls
-    assert settings.queue_url == urls[0]
+    assert settings.queue_urls[0] == urls[0]
 
 
 @pytest.mark.parametrize(
