@@ -6,6 +6,11 @@ process forked, authenticated (and, on RDS, a TLS handshake): more than the quer
 The run worker reads the event log every 0.02 s while steps finish, and a step process
 writes some ten events a step, so both keep pooled connections instead, each checked
 before use so that one a restart or a network cut dropped is replaced, not failed on.
+
+Dagster's run storage also asks the database catalog, on every run read, whether the
+runs table has its run-stats columns yet (``has_run_stats_index_cols``): a reflection
+query as dear as the read itself, which a step process makes once a step. The answer is
+kept once it is yes (``remember_run_stats_columns``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,25 @@ def check_before_use(engine: Any) -> None:
     pool = getattr(engine, "pool", None)
     if pool is not None and hasattr(pool, "_pre_ping"):
         pool._pre_ping = True
+
+
+def remember_run_stats_columns(run_storage: Any) -> None:
+    """Ask the catalog for the run-stats columns until they are there, then no more.
+
+    A migration adds them and none takes them away, so a yes stays true for the life of
+    the storage; a no is asked again (``dagster instance migrate`` may run meanwhile).
+    """
+    ask = getattr(run_storage, "has_run_stats_index_cols", None)
+    if ask is None:  # not a SQL run storage: nothing to remember
+        return
+    present = False
+
+    def has_run_stats_index_cols() -> bool:
+        nonlocal present
+        present = present or bool(ask())
+        return present
+
+    run_storage.has_run_stats_index_cols = has_run_stats_index_cols
 
 
 @contextmanager

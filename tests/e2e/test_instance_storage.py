@@ -1,11 +1,12 @@
-"""The run worker's event-log reads on pooled connections, on the real instance storage."""
+"""The run worker's event-log reads on pooled connections, and the step process's run
+reads without catalog queries, on the real instance storage."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 from dagster import DagsterInstance, execute_job, reconstructable
 
-from dagster_taskiq.instance_storage import pooled_event_log
+from dagster_taskiq.instance_storage import pooled_event_log, remember_run_stats_columns
 from dagster_taskiq.ledger import Ledger
 from dagster_taskiq.local.stack import LocalStack
 from tests import jobs
@@ -54,3 +55,45 @@ def test_a_run_leaves_the_instance_as_it_was(stack: LocalStack, instance: Dagste
     with execute_job(reconstructable(jobs.outputs_job), instance=instance) as result:
         assert result.success
     assert instance.event_log_storage._engine is original  # type: ignore[attr-defined]
+
+
+def _counting_catalog_reads(engine: sa.Engine) -> list[str]:
+    seen: list[str] = []
+
+    def before(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if "pg_catalog" in statement:
+            seen.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", before)
+    return seen
+
+
+def test_run_reads_ask_the_catalog_once_the_columns_are_there(instance: DagsterInstance) -> None:
+    storage = instance.run_storage
+    catalog = _counting_catalog_reads(storage._engine)  # type: ignore[attr-defined]
+    instance.get_run_by_id("no-such-run")
+    asked_per_read = len(catalog)
+    assert asked_per_read > 0, "Dagster's run read reflects the runs table"
+
+    remember_run_stats_columns(storage)
+    catalog.clear()
+    for _ in range(5):
+        assert instance.get_run_by_id("no-such-run") is None
+    assert len(catalog) == asked_per_read, "asked once, then remembered"
+    assert storage.has_run_stats_index_cols() is True  # type: ignore[attr-defined]
+
+
+def test_a_missing_column_is_asked_about_again() -> None:
+    answers = iter([False, False, True])
+    asked: list[bool] = []
+
+    class Storage:
+        def has_run_stats_index_cols(self) -> bool:
+            asked.append(True)
+            return next(answers)
+
+    storage = Storage()
+    remember_run_stats_columns(storage)
+    answers_seen = [storage.has_run_stats_index_cols() for _ in range(5)]
+    assert answers_seen == [False, False, True, True, True]
+    assert len(asked) == 3, "a no is asked again, a yes is kept"

@@ -12,20 +12,27 @@ first, because a message can be delivered again after its attempt already ended:
 
 A takeover (an earlier delivery started the attempt and lost its lease) re-executes the
 same attempt and says so in an engine event naming the lost worker and the delivery.
+
+The step process reads a message's run and builds the step's plan while the supervisor
+claims the message (``read_ahead``): the claim's round trip to the ledger and these reads
+overlap instead of following each other on every step's way in.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from dagster import DagsterInstance, DagsterRunStatus, MetadataValue
 from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
 from dagster._core.execution.api import execute_plan_iterator
 from dagster._core.execution.context_creation_job import create_context_free_log_manager
+from dagster._core.execution.plan.plan import ExecutionPlan
 from dagster._core.snowflake_partner import set_snowflake_partner_env_var
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._grpc.types import ExecuteStepArgs
@@ -37,12 +44,27 @@ from dagster_taskiq.attempts import AttemptOutcome, attempt_outcome
 from dagster_taskiq.worker.attempt_context import StepAttempt, set_current_attempt
 from dagster_taskiq.worker.config import CodeLocation
 from dagster_taskiq.worker.origins import origin_allowed
-from dagster_taskiq.worker.plans import PlanCache, reuse_resolved_run_config
+from dagster_taskiq.worker.plans import PlanCache, RunPlan, reuse_resolved_run_config
 from dagster_taskiq.worker.tasks import Outcome, StepResult, StepTask, Vetting
 
-__all__ = ["Outcome", "StepResult", "StepTask", "Vetting", "execute", "load_step_args", "vet"]
+__all__ = [
+    "Outcome",
+    "ReadAhead",
+    "StepResult",
+    "StepTask",
+    "Vetting",
+    "execute",
+    "load_step_args",
+    "read_ahead",
+    "vet",
+]
+
+# A run read ahead is used only this soon after: its status decides whether the step
+# starts, and a claim that waited on the ledger must not start a step on an old reading.
+READ_AHEAD_FRESH_SECONDS = 1.0
 
 
+@functools.lru_cache(maxsize=4)  # vetted, then read ahead and executed: one deserialization
 def load_step_args(step_args: str) -> ExecuteStepArgs:
     args = deserialize_value(step_args, ExecuteStepArgs)
     keys = args.step_keys_to_execute or []
@@ -63,7 +85,53 @@ def vet(step_args: str, locations: tuple[CodeLocation, ...]) -> Vetting:
     return Vetting(refusal=origin_allowed(args.job_origin, locations))
 
 
-def execute(instance: DagsterInstance, task: StepTask, plans: PlanCache) -> StepResult:
+@dataclass(frozen=True)
+class ReadAhead:
+    """A message's run and its step's plan, read before the message is claimed."""
+
+    step_args: str
+    run: DagsterRun | None
+    plan: tuple[RunPlan, ExecutionPlan] | None
+    read_at: float = field(default_factory=time.monotonic)
+
+    def run_for(self, message_step_args: str, run_id: str) -> DagsterRun | None:
+        """The run read ahead, if it is this message's and fresh enough to go by."""
+        fresh = time.monotonic() - self.read_at <= READ_AHEAD_FRESH_SECONDS
+        if not fresh or self.run is None or message_step_args != self.step_args:
+            return None
+        return self.run if self.run.run_id == run_id else None
+
+
+def read_ahead(instance: DagsterInstance, step_args: str, plans: PlanCache) -> ReadAhead | None:
+    """Read a vetted message's run and build its step's plan, as ``execute`` would.
+
+    Nothing is written: the message is not claimed yet, and may never be. Whatever fails
+    here is left to ``execute``, which does the same again and reports the failure.
+    """
+    try:
+        args = load_step_args(step_args)
+        run = instance.get_run_by_id(args.run_id)
+        plan = None
+        if run is not None and not run.is_finished and run.job_code_origin is not None:
+            _prepare_environment(instance, run)
+            plan = plans.step_plan(
+                instance, run, list(args.step_keys_to_execute or []), args.known_state
+            )
+        return ReadAhead(step_args, run, plan)
+    except Exception:
+        return None
+
+
+def _prepare_environment(instance: DagsterInstance, run: DagsterRun) -> None:
+    # What ``dagster api execute_step`` does before it loads the job.
+    location_name = run.remote_job_origin.location_name if run.remote_job_origin else None
+    instance.inject_env_vars(location_name)
+    set_snowflake_partner_env_var()
+
+
+def execute(
+    instance: DagsterInstance, task: StepTask, plans: PlanCache, ahead: ReadAhead | None = None
+) -> StepResult:
     message = task.message
     started = time.monotonic()
 
@@ -73,7 +141,10 @@ def execute(instance: DagsterInstance, task: StepTask, plans: PlanCache) -> Step
         )
 
     args = load_step_args(message.step_args)
-    run = instance.get_run_by_id(message.run_id)
+    run = ahead.run_for(message.step_args, message.run_id) if ahead is not None else None
+    plan = ahead.plan if ahead is not None and run is not None else None
+    if run is None:
+        run = instance.get_run_by_id(message.run_id)
     if run is None:
         return result(
             Outcome.FAILED,
@@ -120,7 +191,7 @@ def execute(instance: DagsterInstance, task: StepTask, plans: PlanCache) -> Step
     )
     ending: DagsterEvent | None = None
     try:
-        for event in step_events(args, instance, run, plans):
+        for event in step_events(args, instance, run, plans, plan):
             if event.step_key == message.step_key and event.event_type in _ENDINGS:
                 ending = event
     except (KeyboardInterrupt, DagsterExecutionInterruptedError):
@@ -140,21 +211,24 @@ def execute(instance: DagsterInstance, task: StepTask, plans: PlanCache) -> Step
 
 
 def step_events(
-    args: ExecuteStepArgs, instance: DagsterInstance, run: DagsterRun, plans: PlanCache
+    args: ExecuteStepArgs,
+    instance: DagsterInstance,
+    run: DagsterRun,
+    plans: PlanCache,
+    plan: tuple[RunPlan, ExecutionPlan] | None = None,
 ) -> Iterator[DagsterEvent]:
     """Dagster's ``dagster api execute_step`` body (``dagster._cli.api``), event for
-    event, with the job and its plan taken from ``plans`` (see ``worker/plans.py``)
-    instead of being rebuilt for every step. ``args.should_verify_step`` is always off
-    here (see ``load_step_args``), and a finished or cancelling run never gets this far:
-    ``execute`` answers NOT_STARTED for it first."""
+    event, with the job and its plan taken from ``plans`` (see ``worker/plans.py``), or
+    read ahead (``plan``), instead of being rebuilt for every step.
+    ``args.should_verify_step`` is always off here (see ``load_step_args``), and a
+    finished or cancelling run never gets this far: ``execute`` answers NOT_STARTED for
+    it first."""
     step_keys = list(args.step_keys_to_execute or [])
     single_step_key = step_keys[0] if len(step_keys) == 1 else None
     try:
         if run.job_code_origin is None:
             raise ValueError(f"Run with id '{args.run_id}' does not include an origin.")
-        location_name = run.remote_job_origin.location_name if run.remote_job_origin else None
-        instance.inject_env_vars(location_name)
-        set_snowflake_partner_env_var()
+        _prepare_environment(instance, run)
 
         log_manager = create_context_free_log_manager(instance, run)
         yield DagsterEvent.step_worker_started(
@@ -165,7 +239,9 @@ def step_events(
             metadata={"pid": MetadataValue.text(str(os.getpid()))},
             step_key=single_step_key,
         )
-        run_plan, execution_plan = plans.step_plan(instance, run, step_keys, args.known_state)
+        run_plan, execution_plan = plan or plans.step_plan(
+            instance, run, step_keys, args.known_state
+        )
         with reuse_resolved_run_config(run_plan):
             yield from execute_plan_iterator(
                 execution_plan,

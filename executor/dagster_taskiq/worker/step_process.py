@@ -80,7 +80,7 @@ def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...])
     from dagster._utils.interrupts import capture_interrupts, pop_captured_interrupt
 
     from dagster_taskiq.worker.compute_logs import mirror_with_threads
-    from dagster_taskiq.worker.execution import execute, vet
+    from dagster_taskiq.worker.execution import ReadAhead, execute, read_ahead, vet
     from dagster_taskiq.worker.plans import PlanCache
     from dagster_taskiq.worker.storage import (
         keep_connections,
@@ -95,6 +95,7 @@ def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...])
     rewrite_cut_events(instance)
     _preload(locations)
     plans = PlanCache()
+    ahead: ReadAhead | None = None
     conn.send("ready")
     with capture_interrupts():
         while True:
@@ -105,10 +106,15 @@ def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...])
             if task is None:
                 return
             if isinstance(task, VetRequest):
-                conn.send(vet(task.step_args, locations))
+                vetting = vet(task.step_args, locations)
+                conn.send(vetting)
+                # While the supervisor claims the message: its run and its step's plan.
+                accepted = vetting.malformed is None and vetting.refusal is None
+                ahead = read_ahead(instance, task.step_args, plans) if accepted else None
                 continue
             pop_captured_interrupt()  # an interrupt meant for the previous step
-            conn.send(execute(instance, task, plans))
+            conn.send(execute(instance, task, plans, ahead))
+            ahead = None
 
 
 @dataclass

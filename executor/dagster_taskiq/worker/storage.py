@@ -24,7 +24,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dagster_taskiq.instance_storage import POOL_OPTIONS, check_before_use
+from dagster_taskiq.instance_storage import (
+    POOL_OPTIONS,
+    check_before_use,
+    remember_run_stats_columns,
+)
 
 # dagster-postgres backs off exponentially from retry_wait: 0.1 s doubled 8 times ~ 25 s.
 RETRY_LIMIT = 8
@@ -42,10 +46,12 @@ def ride_out_database_outages() -> None:
 
 
 def keep_connections(instance: Any) -> None:
-    """Pool the instance storage's connections, each checked before use."""
+    """Pool the instance storage's connections, each checked before use, and read each
+    step's run without asking the catalog about the runs table every time."""
     instance.optimize_for_webserver(**POOL_OPTIONS)
     for name in ("_run_storage", "_event_storage", "_schedule_storage"):
         check_before_use(getattr(getattr(instance, name, None), "_engine", None))
+    remember_run_stats_columns(instance.run_storage)
 
 
 # Written again after a cut connection: nothing reads them to count or to act on them.
