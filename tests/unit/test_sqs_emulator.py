@@ -7,18 +7,24 @@ from collections.abc import Iterator
 
 import boto3
 import pytest
-from moto import mock_aws
+from moto import backends, mock_aws
 from moto.sqs import models
 
 from dagster_taskiq.local.sqs_emulator import speed_up_moto
 
-REPLACED = ["unix_time", "unix_time_millis", "is_message_valid_based_on_retention_period"]
+REPLACED = [
+    "unix_time",
+    "unix_time_millis",
+    "is_message_valid_based_on_retention_period",
+    "list_of_moto_modules",
+]
+OWNERS = [models, models, models.SQSBackend, backends]
 
 
 @pytest.fixture
 def sped_up(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # monkeypatch puts moto's own back when the test ends.
-    for owner, name in [(models, n) for n in REPLACED[:2]] + [(models.SQSBackend, REPLACED[2])]:
+    for owner, name in zip(OWNERS, REPLACED, strict=True):
         monkeypatch.setattr(owner, name, getattr(owner, name))
     assert speed_up_moto() == REPLACED, "moto moved a name the emulator replaces"
     with mock_aws():
@@ -58,3 +64,11 @@ def test_visibility_and_retention_as_sqs_keeps_them(sped_up: None) -> None:
     old = next(m for m in queue._messages if m.body == "old")
     old.sent_timestamp = int(time.time() * 1000) - 61_000  # type: ignore[assignment]
     assert sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages") is None
+
+
+LISTED_BY_MOTO = list(backends.list_of_moto_modules())
+
+
+def test_the_services_are_moto_s(sped_up: None) -> None:
+    assert backends.list_of_moto_modules() == tuple(LISTED_BY_MOTO)
+    assert "sqs" in backends.list_of_moto_modules()
