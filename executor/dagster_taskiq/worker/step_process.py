@@ -142,11 +142,11 @@ class StepProcess:
         ready = multiprocessing.connection.wait([parent_conn, process.sentinel], ready_timeout)
         if parent_conn not in ready:
             handle.kill()
-            raise StepProcessDied(process.exitcode)
+            raise handle._died()
         try:
             parent_conn.recv()
         except EOFError as e:
-            raise StepProcessDied(process.exitcode) from e
+            raise handle._died() from e
         return handle
 
     @property
@@ -172,10 +172,17 @@ class StepProcess:
                 if self.conn in ready:
                     return self.conn.recv()
                 if self.process.sentinel in ready:
-                    raise StepProcessDied(self.process.exitcode)
+                    raise self._died()
         except (EOFError, OSError, BrokenPipeError) as e:
-            self.process.join(5)
-            raise StepProcessDied(self.process.exitcode) from e
+            raise self._died() from e
+
+    def _died(self) -> StepProcessDied:
+        # The pipe and the sentinel tell of an exit before the process can be reaped: wait
+        # for that, so that its exit code is known and ``alive`` is False from here on. A
+        # slot that still saw it alive would hand it the next message, and that delivery
+        # would be spent without a claim (one fewer before the dead-letter queue).
+        self.process.join(5)
+        return StepProcessDied(self.process.exitcode)
 
     def interrupt(self) -> None:
         self._signal(signal.SIGINT)
