@@ -41,6 +41,10 @@ from dagster_taskiq.worker.step_process import StepProcess, StepProcessDied
 from dagster_taskiq.worker.tasks import Outcome, StepResult, StepTask, Vetting
 
 GIVE_BACK_DELAY = 5  # seconds a step given back after a fault stays hidden
+# The longest a step's ending waits for its slot to hand over the next step. Recording
+# it (a ledger write and an SQS delete) competes with the hand-over's receive and claim,
+# which the next step waits for; the ending waits for nothing but its lease.
+HAND_OVER_FIRST_SECONDS = 0.05
 
 
 class Backoff:
@@ -72,6 +76,7 @@ class Slot:
         self.process: StepProcess | None = None
         self.lease: Lease | None = None  # of the step its process runs now
         self.recording: Future[None] | None = None  # of its last step's ending
+        self.hand_over: threading.Event | None = None  # set: that ending may be recorded
         self.busy = False
         self.thread = threading.Thread(target=self._loop, name=f"slot-{index}", daemon=True)
 
@@ -85,12 +90,15 @@ class Slot:
             if received is None:
                 break
             self.busy = True
+            hand_over = self.hand_over
             try:
                 self.worker.handle(self, received)
             except Exception:
                 self.worker.log.exception("Unexpected error handling a message; it stays queued")
             finally:
                 self.busy = False
+                if hand_over is not None:
+                    hand_over.set()  # when the message started no step
             if not self.worker.stopping.is_set():
                 self._ensure_process()
                 self.worker.slot_idle(self)
@@ -111,6 +119,11 @@ class Slot:
             except (StepProcessDied, OSError) as e:
                 self.worker.log.error("Could not start a step process", extra={"error": str(e)})
                 backoff.wait(self.worker.stopping)
+
+    def handed_over(self) -> None:
+        """The next step is on its way to the process: the last ending may be recorded."""
+        if self.hand_over is not None:
+            self.hand_over.set()
 
     # -- called from other threads -------------------------------------------------------
 
@@ -411,6 +424,7 @@ class Worker:
             try:
                 if slot.process is None:
                     raise StepProcessDied(None)
+                slot.handed_over()
                 result = slot.process.run(task)
             except StepProcessDied as e:
                 failure = f"step process died: {e}"
@@ -419,10 +433,12 @@ class Worker:
                 self.log.exception("Could not run the step here", extra=keys)
                 failure = f"worker error: {e}"
             # The step process is free: the slot takes its next message while the
-            # recorder records this ending. One ending per slot waits at most.
+            # recorder records this ending, as soon as the next step is handed over (or
+            # after HAND_OVER_FIRST_SECONDS). One ending per slot waits at most.
             slot.lease = None
             if slot.recording is not None:
                 slot.recording.result()
+            slot.hand_over = hand_over = threading.Event()
             finish = functools.partial(
                 self._finish,
                 message=message,
@@ -432,15 +448,17 @@ class Worker:
                 result=result,
                 failure=failure,
             )
-            slot.recording = self._recorder.submit(self._record, lease, finish)
+            slot.recording = self._recorder.submit(self._record, lease, finish, hand_over)
             handed_over = True
         finally:
             slot.lease = None
             if not handed_over:
                 self._end_lease(lease)
 
-    def _record(self, lease: Lease, finish: Callable[[], None]) -> None:
-        """On a recorder thread; the lease is kept alive until the ending is recorded."""
+    def _record(self, lease: Lease, finish: Callable[[], None], hand_over: threading.Event) -> None:
+        """On a recorder thread, once the slot has handed over its next step (or after
+        HAND_OVER_FIRST_SECONDS); the lease is kept alive until the ending is recorded."""
+        hand_over.wait(HAND_OVER_FIRST_SECONDS)
         try:
             finish()
         except Exception:
