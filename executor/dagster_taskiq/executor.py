@@ -35,7 +35,7 @@ from dagster._core.executor.init import InitExecutorContext
 from dagster._core.executor.step_delegating import StepDelegatingExecutor
 from dagster._core.instance import DagsterInstance
 
-from dagster_taskiq.instance_storage import pooled_event_log
+from dagster_taskiq.instance_storage import pooled_event_log, remember_run_stats_columns
 from dagster_taskiq.ledger import Ledger, LedgerUnavailable
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue, sqs_client
 from dagster_taskiq.routing import (
@@ -278,6 +278,9 @@ class TaskiqExecutor(StepDelegatingExecutor):
     def execute(
         self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan
     ) -> Iterator[DagsterEvent]:
+        # The run's reads and status changes no longer reflect the runs table each time
+        # (kept on the instance: a yes stays true).
+        remember_run_stats_columns(plan_context.instance.run_storage)
         # Read every 0.02 s, the event log would otherwise cost a new connection a read.
         with pooled_event_log(plan_context.instance):
             yield from super().execute(plan_context, execution_plan)

@@ -9,13 +9,14 @@ before use so that one a restart or a network cut dropped is replaced, not faile
 
 Dagster's run storage also asks the database catalog, on every run read, whether the
 runs table has its run-stats columns yet (``has_run_stats_index_cols``): a reflection
-query as dear as the read itself, which a step process makes once a step. The answer is
-kept once it is yes (``remember_run_stats_columns``).
+query as dear as the read itself, which a step process makes once a step and a run
+worker at each read of its run and each change of its status. The answer is kept once
+it is yes (``remember_run_stats_columns``), in both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,16 +39,19 @@ def remember_run_stats_columns(run_storage: Any) -> None:
     the storage; a no is asked again (``dagster instance migrate`` may run meanwhile).
     """
     ask = getattr(run_storage, "has_run_stats_index_cols", None)
-    if ask is None:  # not a SQL run storage: nothing to remember
-        return
-    present = False
+    if ask is None or isinstance(ask, _RememberedYes):
+        return  # not a SQL run storage, or remembering already
+    run_storage.has_run_stats_index_cols = _RememberedYes(ask)
 
-    def has_run_stats_index_cols() -> bool:
-        nonlocal present
-        present = present or bool(ask())
-        return present
 
-    run_storage.has_run_stats_index_cols = has_run_stats_index_cols
+class _RememberedYes:
+    def __init__(self, ask: Callable[[], bool]) -> None:
+        self.ask = ask
+        self.present = False
+
+    def __call__(self) -> bool:
+        self.present = self.present or bool(self.ask())
+        return self.present
 
 
 @contextmanager

@@ -49,12 +49,18 @@ def test_reads_share_one_connection_and_the_engine_is_put_back(
     assert pooled_engine.pool.checkedin() == 0, "the pool is closed"
 
 
-def test_a_run_leaves_the_instance_as_it_was(stack: LocalStack, instance: DagsterInstance) -> None:
+def test_a_run_puts_the_instance_s_engine_back_and_keeps_a_yes(
+    stack: LocalStack, instance: DagsterInstance
+) -> None:
     start_workers(stack, 1)
     original = instance.event_log_storage._engine  # type: ignore[attr-defined]
     with execute_job(reconstructable(jobs.outputs_job), instance=instance) as result:
         assert result.success
     assert instance.event_log_storage._engine is original  # type: ignore[attr-defined]
+    # What it keeps: the runs table's run-stats columns are known to be there.
+    catalog = _counting_catalog_reads(instance.run_storage._engine)  # type: ignore[attr-defined]
+    assert instance.get_run_by_id(result.run_id) is not None
+    assert catalog == []
 
 
 def _counting_catalog_reads(engine: sa.Engine) -> list[str]:
@@ -76,6 +82,7 @@ def test_run_reads_ask_the_catalog_once_the_columns_are_there(instance: DagsterI
     assert asked_per_read > 0, "Dagster's run read reflects the runs table"
 
     remember_run_stats_columns(storage)
+    remember_run_stats_columns(storage)  # a second call changes nothing
     catalog.clear()
     for _ in range(5):
         assert instance.get_run_by_id("no-such-run") is None
