@@ -79,6 +79,8 @@ def test_the_step_runs_on_what_was_read_ahead(
 ) -> None:
     run, step_args = _run(instance)
     plans = PlanCache()
+    injected: list[str | None] = []
+    monkeypatch.setattr(instance, "inject_env_vars", injected.append)
     ahead = read_ahead(instance, step_args, plans)
     assert ahead is not None and ahead.run is not None and ahead.plan is not None
     assert ahead.run.run_id == run.run_id
@@ -90,6 +92,7 @@ def test_the_step_runs_on_what_was_read_ahead(
     assert result.outcome is Outcome.SUCCEEDED
     assert reads == [], "the run read ahead was used, not read again"
     assert (plans.misses, plans.hits) == (1, 0), "nor was the plan looked up again"
+    assert len(injected) == 1, "nor the code location's environment prepared again"
     assert instance.get_run_stats(run.run_id).steps_succeeded == 1
 
 

@@ -228,7 +228,8 @@ def step_events(
     try:
         if run.job_code_origin is None:
             raise ValueError(f"Run with id '{args.run_id}' does not include an origin.")
-        _prepare_environment(instance, run)
+        if plan is None:  # read ahead: the environment was prepared then
+            _prepare_environment(instance, run)
 
         log_manager = create_context_free_log_manager(instance, run)
         yield DagsterEvent.step_worker_started(
