@@ -16,6 +16,7 @@ event's timestamp is taken where it is written, so the gaps between them place t
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import statistics
 import time
@@ -66,9 +67,9 @@ def phases(events: Sequence[Event], called: float, returned: float) -> dict[str,
     starts = sorted(started.values())
     hand_overs = []
     for start in starts[CONCURRENCY:]:
-        freed = [end for end in endings if end <= start]
+        freed = bisect.bisect_right(endings, start)  # endings up to this start
         if freed:
-            hand_overs.append(start - freed[-1])
+            hand_overs.append(start - endings[freed - 1])
     return {
         "run start (called to first step started)": [starts[0] - called],
         "step preamble (worker started to step start)": [
