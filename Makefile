@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: install demo test lint typecheck unit test-slow lock ui clean synth bench
+.PHONY: install demo test lint typecheck unit integration e2e test-slow test-py313 lock ui clean synth bench
 
 install: $(STAMP)
 
@@ -29,12 +29,48 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Test files run two at a time (a file's tests stay together: some share one local stack);
+# the end-to-end tests mostly wait on leases and redeliveries, not on the processor.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
+
 test: lint typecheck
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
+
+# One tier at a time: unit (no services), integration (PostgreSQL, moto, CDK synth) and
+# end-to-end (real runs on real worker processes).
+unit: $(STAMP)
+	$(BIN)/pytest -m "not slow" tests/unit $(PYTEST_ARGS)
+
+integration: $(STAMP)
+	$(BIN)/pytest -m "not slow" $(XDIST) tests/integration tests/cdk $(PYTEST_ARGS)
+
+e2e: $(STAMP)
+	$(BIN)/pytest -m "not slow" $(XDIST) tests/e2e $(PYTEST_ARGS)
 
 # Long fault runs (marked `slow`); pytest's exit code 5 means none are collected yet.
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow $(PYTEST_ARGS) || test $$? -eq 5
+
+# The unit and integration tiers again on Python 3.13 (PYTHON313: that interpreter; with
+# pyenv, the newest 3.13 it has). pgserver has no 3.13 wheel, so this virtualenv's Python
+# starts the embedded PostgreSQL and the 3.13 one runs the tests against it.
+PYTHON313 ?= $(shell command -v pyenv >/dev/null 2>&1 && v=$$(pyenv versions --bare | grep -E '^3\.13' | tail -n 1) && test -n "$$v" && echo "$$(pyenv root)/versions/$$v/bin/python3.13" || command -v python3.13)
+# Exported: the test that loads a Lambda bundle built for another Python runs it there.
+export PYTHON313
+VENV313 := .venv-3.13
+STAMP313 := $(VENV313)/.installed-stamp
+
+$(STAMP313): pyproject.toml constraints.txt
+	@test -n "$(PYTHON313)" || { echo "No Python 3.13: set PYTHON313=/path/to/python3.13"; exit 1; }
+	test -x $(VENV313)/bin/python || $(PYTHON313) -m venv $(VENV313)
+	$(VENV313)/bin/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP313)
+
+test-py313: $(STAMP) $(STAMP313)
+	rm -rf build/pg-py313
+	$(BIN)/python -m tests.with_postgres build/pg-py313 -- \
+		$(VENV313)/bin/pytest -m "not slow" tests/unit tests/integration $(PYTEST_ARGS)
 
 # Side by side with Dagster's executors and dagster-celery (on Redis: the local one, one it
 # starts, or skipped with the reason); writes benchmarks/results/latest.json and .png.
@@ -57,4 +93,4 @@ lock:
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VENV313) .mypy_cache .ruff_cache .pytest_cache

@@ -5,7 +5,9 @@ another process.
 - ``fanout_100``: 100 independent trivial ops and a fan-in;
 - ``chain_20``: 20 trivial ops in a line;
 - ``sleep_20``: 20 independent ops that sleep 1 s;
-- ``fanout_1000``: 1000 trivial ops and a fan-in (this executor alone).
+- ``fanout_1000``: 1000 trivial ops and a fan-in (this executor alone);
+- ``wait_10``: one op that sleeps 10 s (a run waiting on a long step, for
+  ``benchmarks.launches``).
 """
 
 # No ``from __future__ import annotations``: Dagster reads the op signatures' types.
@@ -75,12 +77,24 @@ def single() -> None:
     trivial()
 
 
+@op
+def long_nap() -> int:
+    time.sleep(10.0)
+    return 1
+
+
+@graph
+def wait_10() -> None:
+    long_nap()
+
+
 GRAPHS = {
     "single": single,  # one step: pick-up latency
     "fanout_100": _fanout("fanout_100", 100, trivial),
     "chain_20": chain_20,
     "sleep_20": sleep_20,
     "fanout_1000": _fanout("fanout_1000", 1000, trivial),
+    "wait_10": wait_10,
 }
 EXECUTORS: dict[str, ExecutorDefinition] = {
     "in_process": in_process_executor,

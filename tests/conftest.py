@@ -6,6 +6,7 @@ each test session gets its own database on it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from dagster import DagsterInstance
 
 from dagster_taskiq.ledger import Ledger
@@ -25,6 +27,8 @@ from dagster_taskiq.local.stack import (
     local_stack,
     sqs_emulator,
 )
+from dagster_taskiq.migrations import ensure_schema
+from dagster_taskiq.settings import ledger_url
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_TEST_DATABASE_URL = "DAGSTER_TASKIQ_TEST_DATABASE_URL"
@@ -49,10 +53,37 @@ def sqs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield endpoint
 
 
+@contextlib.contextmanager
+def new_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A new, empty database on the server of ``server_url``, dropped afterwards.
+
+    For tests that read what the whole ledger holds (``status``, ``doctor``): the session's
+    database also holds every other test's rows that ran before on the same worker.
+    """
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(ledger_url(server_url), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    base, _, query = server_url.partition("?")
+    try:
+        yield f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def empty_database_url(postgres_url: str) -> Iterator[str]:
+    """A new, empty database on the session's server, dropped afterwards."""
+    with new_database(postgres_url, "dagster_taskiq_schema") as url:
+        yield url
+
+
 @pytest.fixture
 def ledger(postgres_url: str) -> Iterator[Ledger]:
     store = Ledger(postgres_url)
-    store.ensure_schema()
+    ensure_schema(store)
     yield store
     store.dispose()
 
@@ -68,12 +99,8 @@ def make_stack(
 
     def factory(**kwargs: Any) -> AbstractContextManager[LocalStack]:
         kwargs.setdefault("code_locations", (TEST_CODE_LOCATION,))
-        stack_cm = local_stack(
-            tmp_path / uuid.uuid4().hex[:6],
-            database_url=postgres_url,
-            sqs_endpoint=sqs_endpoint,
-            **kwargs,
-        )
+        kwargs.setdefault("database_url", postgres_url)
+        stack_cm = local_stack(tmp_path / uuid.uuid4().hex[:6], sqs_endpoint=sqs_endpoint, **kwargs)
 
         class _Applied:
             def __enter__(self) -> LocalStack:

@@ -107,3 +107,8 @@ def finished_records(ledger: Any, run_id: str, timeout: float = 30.0) -> list[An
         timeout=timeout,
         what=f"the ledger records of run {run_id} to finish",
     )
+
+
+# CLI output to a pipe, as a script reads it: without a COLUMNS that something earlier in
+# the test process exported (a rich table is then cut to its width).
+AS_A_PIPE: dict[str, str | None] = {"COLUMNS": None}

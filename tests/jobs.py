@@ -8,11 +8,14 @@ executions: the ground truth for "ran once".
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from dagster import (
     Config,
     Definitions,
+    DynamicOut,
+    DynamicOutput,
     OpExecutionContext,
     RetryPolicy,
     job,
@@ -261,3 +264,34 @@ def prints(context: OpExecutionContext) -> None:
 @job(executor_def=taskiq_executor)
 def printing_job() -> None:
     prints()
+
+
+# -- a wide dynamic fan-out (the big run) ---------------------------------------------------
+
+
+class WidthConfig(Config):
+    width: int = 10
+
+
+@op(out=DynamicOut(int))
+def spread(config: WidthConfig) -> Iterator[DynamicOutput[int]]:
+    for i in range(config.width):
+        yield DynamicOutput(i, mapping_key=str(i))
+
+
+@op
+def bump(value: int) -> int:
+    return value + 1
+
+
+@op
+def gather(config: WidthConfig, values: list[int]) -> int:
+    total = sum(values)
+    if len(values) != config.width or total != config.width * (config.width + 1) // 2:
+        raise ValueError(f"{len(values)} values of {config.width} arrived, summing to {total}")
+    return total
+
+
+@job(executor_def=taskiq_executor)
+def dynamic_fanout_job() -> None:
+    gather(spread().map(bump).collect())

@@ -1,6 +1,8 @@
 """Run a job from tests.jobs in this process: ``python -m tests.run_job JOB RUN_CONFIG``.
 
 Prints ``RUN_ID <id>`` before execution starts, so the test can watch and interrupt it.
+With ``--stream`` the run's events are consumed and dropped as they come, as a
+deployment's run worker (``dagster api execute_run``) does, rather than kept for a result.
 """
 
 from __future__ import annotations
@@ -8,14 +10,16 @@ from __future__ import annotations
 import json
 import sys
 
-from dagster import DagsterInstance, reconstructable
-from dagster._core.execution.api import execute_run
+from dagster import DagsterInstance, DagsterRunStatus, reconstructable
+from dagster._core.execution.api import execute_run, execute_run_iterator
 
 from tests import jobs
 
 
 def main() -> int:
-    job_name, run_config = sys.argv[1], json.loads(sys.argv[2])
+    stream = "--stream" in sys.argv
+    job_name, config_text = [a for a in sys.argv[1:] if a != "--stream"][:2]
+    run_config = json.loads(config_text)
     job_def = getattr(jobs, job_name)
     instance = DagsterInstance.get()
     recon_job = reconstructable(job_def)
@@ -27,6 +31,11 @@ def main() -> int:
         job_code_origin=recon_job.get_python_origin(),
     )
     print(f"RUN_ID {run.run_id}", flush=True)
+    if stream:
+        for _ in execute_run_iterator(recon_job, run, instance):
+            pass
+        ended = instance.get_run_by_id(run.run_id)
+        return 0 if ended is not None and ended.status == DagsterRunStatus.SUCCESS else 1
     result = execute_run(recon_job, run, instance)
     return 0 if result.success else 1
 

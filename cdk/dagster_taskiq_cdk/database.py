@@ -1,6 +1,9 @@
-"""Aurora Serverless v2 PostgreSQL: Dagster's storage (dagster-postgres) and the ledger."""
+"""The PostgreSQL that holds Dagster's storage (dagster-postgres) and the ledger: an Aurora
+Serverless v2 cluster the stack creates, or the user's own Dagster database."""
 
 from __future__ import annotations
+
+from typing import Protocol
 
 from aws_cdk import Duration
 from aws_cdk import aws_ec2 as ec2
@@ -15,6 +18,86 @@ DATABASE_NAME = "dagster"
 DATABASE_USER = "dagster_taskiq"
 DATABASE_PORT = 5432
 ENGINE_VERSION = rds.AuroraPostgresEngineVersion.VER_16_13
+
+
+class DagsterDatabase(Protocol):
+    """What the workers, the Lambdas and the run worker need of the database."""
+
+    hostname: str
+    port: int
+    name: str
+    # JSON with "username" and "password" (the format RDS and Aurora write).
+    secret: secretsmanager.ISecret
+    # In the ledger URL; None: the user name comes from the secret too.
+    username: str | None
+
+    def allow_from(self, peer: ec2.ISecurityGroup, description: str) -> None: ...
+
+    def password_less_url(self) -> str: ...
+
+
+def ledger_url_without_password(
+    hostname: str, port: int, name: str, username: str | None = None
+) -> str:
+    """The ledger URL; the password (and, without ``username``, the user) stays in the secret.
+
+    TLS is required (``sslmode=require``: encrypted; the RDS CA is not in the bundle to
+    verify against).
+    """
+    user = f"{username}@" if username else ""
+    return f"postgresql://{user}{hostname}:{port}/{name}?sslmode=require"
+
+
+def build_database(
+    scope: Construct,
+    construct_id: str,
+    *,
+    settings: DeploymentSettings,
+    vpc: ec2.IVpc,
+    subnets: ec2.SubnetSelection,
+) -> Database | ExistingDatabase:
+    """The user's database when the settings name one, else a new Aurora cluster."""
+    if settings.existing_database:
+        return ExistingDatabase(scope, construct_id, settings=settings)
+    return Database(scope, construct_id, settings=settings, vpc=vpc, subnets=subnets)
+
+
+class ExistingDatabase(Construct):
+    """The user's Dagster database (``database_endpoint`` and friends): nothing is created
+    but one ingress rule on its security group for each group of this stack that connects.
+
+    The credentials are the secret's ``username`` and ``password``; the secret's ARN must be
+    complete (with its six-character suffix), so that IAM policies and ECS name it exactly.
+    """
+
+    def __init__(
+        self, scope: Construct, construct_id: str, *, settings: DeploymentSettings
+    ) -> None:
+        super().__init__(scope, construct_id)
+        if not (
+            settings.database_endpoint
+            and settings.database_name
+            and settings.database_secret_arn
+            and settings.database_security_group_id
+        ):  # the settings check this; repeated for the type checker
+            raise ValueError("An existing database needs all of its settings")
+        # mutable: the stack adds its ingress rules to the group (and removes them with it).
+        self.security_group = ec2.SecurityGroup.from_security_group_id(
+            self, "SecurityGroup", settings.database_security_group_id, mutable=True
+        )
+        self.secret: secretsmanager.ISecret = secretsmanager.Secret.from_secret_complete_arn(
+            self, "Secret", settings.database_secret_arn
+        )
+        self.hostname = settings.database_endpoint
+        self.port = settings.database_port_or_default
+        self.name = settings.database_name
+        self.username: str | None = None
+
+    def allow_from(self, peer: ec2.ISecurityGroup, description: str) -> None:
+        self.security_group.add_ingress_rule(peer, ec2.Port.tcp(self.port), description)
+
+    def password_less_url(self) -> str:
+        return ledger_url_without_password(self.hostname, self.port, self.name)
 
 
 class Database(Construct):
@@ -68,21 +151,14 @@ class Database(Construct):
         self.hostname = self.cluster.cluster_endpoint.hostname
         self.port = DATABASE_PORT
         self.name = DATABASE_NAME
-        self.username = DATABASE_USER
+        self.username: str | None = DATABASE_USER
         self._acknowledge(settings)
 
     def allow_from(self, peer: ec2.ISecurityGroup, description: str) -> None:
         self.security_group.add_ingress_rule(peer, ec2.Port.tcp(self.port), description)
 
     def password_less_url(self) -> str:
-        """The ledger URL without the password, which stays in the secret.
-
-        TLS is required (``sslmode=require``: encrypted; the RDS CA is not in the bundle to
-        verify against).
-        """
-        return (
-            f"postgresql://{self.username}@{self.hostname}:{self.port}/{self.name}?sslmode=require"
-        )
+        return ledger_url_without_password(self.hostname, self.port, self.name, self.username)
 
     def _acknowledge(self, settings: DeploymentSettings) -> None:
         acknowledgments = [

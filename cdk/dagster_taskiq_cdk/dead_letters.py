@@ -9,14 +9,20 @@ from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda_event_sources as event_sources
+from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from dagster_taskiq.settings import ENV_ALERT_TOPIC_ARN, ENV_DAGSTER_UI_URL, ENV_DATABASE_URL
+from dagster_taskiq.settings import (
+    ENV_ALERT_TOPIC_ARN,
+    ENV_DAGSTER_UI_URL,
+    ENV_DATABASE_URL,
+    ENV_SIGNING_KEY_SECRET_ARN,
+)
 
 from . import environment as env
-from .database import Database
+from .database import DagsterDatabase
 from .functions import BundledFunction
 from .settings import DeploymentSettings
 
@@ -42,15 +48,18 @@ class DeadLetterFunction(Construct):
         vpc: ec2.IVpc,
         subnets: ec2.SubnetSelection,
         dead_letter_queues: Sequence[sqs.IQueue],
-        database: Database,
+        database: DagsterDatabase,
         topic: sns.ITopic,
         topic_key: kms.IKey,
+        signing_key: secretsmanager.ISecret,
     ) -> None:
         super().__init__(scope, construct_id)
         environment = {
             ENV_DATABASE_URL: database.password_less_url(),
             env.DATABASE_PASSWORD_SECRET_ARN: database.secret.secret_arn,
             ENV_ALERT_TOPIC_ARN: topic.topic_arn,
+            # Read once per container: a dead letter is authenticated before it marks a step.
+            ENV_SIGNING_KEY_SECRET_ARN: signing_key.secret_arn,
             env.METRICS_NAMESPACE: env.METRICS_NAMESPACE_VALUE,
             env.METRICS_SERVICE: settings.metrics_service,
         }
@@ -88,5 +97,6 @@ class DeadLetterFunction(Construct):
         self.function.add_to_role_policy(
             iam.PolicyStatement(actions=list(TOPIC_KEY_ACTIONS), resources=[topic_key.key_arn])
         )
-        database.secret.grant_read(self.function)
+        self.bundled.grant_secret_read(database.secret)
+        self.bundled.grant_secret_read(signing_key)
         database.allow_from(self.bundled.security_group, "DLQ processor Lambda")

@@ -10,12 +10,23 @@ from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
+from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
-from .lambda_bundle import build_bundle
+from .lambda_bundle import LAMBDA_PYTHON_VERSION, build_bundle
 from .nag import Acknowledgment, acknowledge
 from .paths import LAMBDA_BUILD_DIR
 from .settings import DeploymentSettings
+
+# The newest Python runtime Lambda offers. The bundle's compiled extensions are built for it
+# (lambda_bundle.LAMBDA_PYTHON_VERSION): the two change together.
+LAMBDA_RUNTIME = lambda_.Runtime.PYTHON_3_14
+if LAMBDA_RUNTIME.name != f"python{LAMBDA_PYTHON_VERSION}":
+    raise RuntimeError(f"The Lambda runtime is not the bundle's Python {LAMBDA_PYTHON_VERSION}")
+
+# What the code calls to read a secret (boto3 and powertools): grant_read would add
+# secretsmanager:DescribeSecret, which nothing here calls.
+SECRET_READ_ACTIONS = ("secretsmanager:GetSecretValue",)
 
 # Lambda creates and deletes the function's network interfaces with these, on behalf of the
 # role; the same actions as AWS's AWSLambdaVPCAccessExecutionRole, without its logs:* on "*".
@@ -30,7 +41,7 @@ ENI_ACTIONS = (
 
 
 class BundledFunction(Construct):
-    """``lambdas/<bundle>/handler.py`` as a Python 3.11 x86_64 function (see lambda_bundle)."""
+    """``lambdas/<bundle>/handler.py`` as a Python 3.14 x86_64 function (see lambda_bundle)."""
 
     def __init__(
         self,
@@ -77,9 +88,8 @@ class BundledFunction(Construct):
             self,
             "Function",
             description=description,
-            # The bundle copies compiled extensions from the project's virtualenv, which is
-            # CPython 3.11 on x86_64 Linux: the runtime and architecture must be these.
-            runtime=lambda_.Runtime.PYTHON_3_11,
+            # The bundle's compiled extensions are CPython wheels for x86_64 Linux.
+            runtime=LAMBDA_RUNTIME,
             architecture=lambda_.Architecture.X86_64,
             handler="handler.lambda_handler",
             code=lambda_.Code.from_asset(str(build_bundle(bundle, build_dir=build_dir))),
@@ -107,14 +117,9 @@ class BundledFunction(Construct):
                 ),
             ],
         )
-        acknowledge(
-            self.function,
-            [
-                Acknowledgment(
-                    "AwsSolutions-L1",
-                    "Pinned to python3.11 on purpose: the bundle carries SQLAlchemy's and "
-                    "wrapt's compiled extensions from the project's CPython 3.11 virtualenv, "
-                    "which only load on that runtime version.",
-                ),
-            ],
+
+    def grant_secret_read(self, secret: secretsmanager.ISecret) -> None:
+        """Read ``secret``'s value, and nothing else of it."""
+        self.role.add_to_policy(
+            iam.PolicyStatement(actions=list(SECRET_READ_ACTIONS), resources=[secret.secret_arn])
         )

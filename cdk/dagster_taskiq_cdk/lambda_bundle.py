@@ -9,10 +9,14 @@ A bundle is a directory holding
   (``importlib.metadata``), except what the Lambda Python runtime already provides (boto3,
   botocore, s3transfer).
 
-Compiled extensions (SQLAlchemy's and wrapt's) are copied only when this interpreter is the
-Lambda runtime's: CPython 3.11 on x86_64 Linux, which is what the project's virtualenv is, and
-why the functions use ``Runtime.PYTHON_3_11`` on ``Architecture.X86_64``. Built elsewhere (a Mac,
-arm64), the bundle leaves the extensions out and both libraries fall back to pure Python.
+The functions run on the newest Python runtime Lambda offers (``LAMBDA_PYTHON_VERSION``, on
+x86_64), whatever Python synthesizes. Compiled extensions (SQLAlchemy's and wrapt's) must be
+built for that runtime: from this virtualenv when its interpreter is the runtime's, else from
+the same versions' wheels for that CPython on manylinux, which pip downloads once, without
+Docker, into ``build/wheels/`` (``pip download --python-version 3.14 --platform
+manylinux2014_x86_64 --only-binary=:all:``). Everything else is pure Python and comes from the
+virtualenv. Where pip cannot download (offline, no cached wheel), the bundle leaves the
+extensions out with a warning, and both libraries fall back to pure Python.
 
 The directory is content-addressed (``<build>/<name>-<digest>``) and written once, by an atomic
 rename: the same inputs give the same directory and the same CDK asset hash, and two synths
@@ -26,13 +30,15 @@ import hashlib
 import importlib.metadata
 import itertools
 import shutil
+import subprocess
 import sys
 import sysconfig
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from packaging.requirements import Requirement
 
@@ -47,9 +53,11 @@ BUNDLED_MODULES = (
     "ledger",
     "messages",
     "observability",
+    "outlook",
     "queue",
     "scaler",
     "scaling",
+    "schema",
     "settings",
 )
 
@@ -74,9 +82,14 @@ BUNDLED_EXTRAS = {"aws-lambda-powertools": ("tracer",)}
 RUNTIME_DISTRIBUTIONS = frozenset({"boto3", "botocore", "s3transfer"})
 RUNTIME_MODULES = frozenset({"boto3", "botocore", "s3transfer"})
 
-# The Lambda runtime the compiled extensions must match.
-LAMBDA_CACHE_TAG = "cpython-311"
+# The Lambda runtime the compiled extensions must match: the newest Python Lambda offers.
+LAMBDA_PYTHON_VERSION = "3.14"
 LAMBDA_PLATFORM = "linux-x86_64"
+# Wheels that load on it: Lambda's Python runtimes since 3.12 are Amazon Linux 2023 (glibc
+# 2.34); x86_64.
+LAMBDA_WHEEL_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_28_x86_64")
+# Downloaded wheels and their extracted extensions, kept between synths (build/ is ignored).
+WHEEL_CACHE_DIR = REPO_ROOT / "build" / "wheels"
 _EXTENSION_SUFFIXES = (".so", ".pyd")
 # The zip CDK makes keeps each file's mode: fixed modes, same zip on every machine.
 FILE_MODE = 0o644
@@ -96,10 +109,15 @@ class BundleFile:
     source: Path
 
 
-def lambda_runtime_matches() -> bool:
-    """True when this interpreter's compiled extensions run on python3.11 / x86_64 Lambda."""
+def _abi(python_version: str) -> str:
+    """``3.14`` -> ``cp314``: the wheel tag of CPython's ABI."""
+    return "cp" + python_version.replace(".", "")
+
+
+def lambda_runtime_matches(python_version: str = LAMBDA_PYTHON_VERSION) -> bool:
+    """True when this interpreter's compiled extensions run on the Lambda runtime."""
     return (
-        sys.implementation.cache_tag == LAMBDA_CACHE_TAG
+        sys.implementation.cache_tag == f"cpython-{_abi(python_version)[2:]}"
         and sysconfig.get_platform() == LAMBDA_PLATFORM
     )
 
@@ -109,18 +127,17 @@ def build_bundle(
     *,
     build_dir: Path = LAMBDA_BUILD_DIR,
     include_extensions: bool | None = None,
+    python_version: str = LAMBDA_PYTHON_VERSION,
 ) -> Path:
-    """Build (or reuse) the bundle of ``lambdas/<name>/handler.py``; returns its directory."""
-    if include_extensions is None:
-        include_extensions = lambda_runtime_matches()
-        if not include_extensions:
-            warnings.warn(
-                f"This interpreter ({sys.implementation.cache_tag}, {sysconfig.get_platform()}) "
-                f"is not the Lambda runtime's ({LAMBDA_CACHE_TAG}, {LAMBDA_PLATFORM}): the "
-                f"{name} bundle leaves out compiled extensions and runs on pure Python.",
-                stacklevel=2,
-            )
-    files = plan_bundle(name, include_extensions=include_extensions)
+    """Build (or reuse) the bundle of ``lambdas/<name>/handler.py``; returns its directory.
+
+    ``include_extensions=False`` leaves compiled extensions out (pure Python); by default
+    they are those of CPython ``python_version`` (the Lambda runtime's; see the module's
+    docstring).
+    """
+    files = plan_bundle(
+        name, include_extensions=include_extensions is not False, python_version=python_version
+    )
     check_imports(files)
     digest = _digest(files)
     target = build_dir / f"{name}-{digest[:20]}"
@@ -149,7 +166,9 @@ def build_bundle(
     return target
 
 
-def plan_bundle(name: str, *, include_extensions: bool = True) -> list[BundleFile]:
+def plan_bundle(
+    name: str, *, include_extensions: bool = True, python_version: str = LAMBDA_PYTHON_VERSION
+) -> list[BundleFile]:
     """Every file of the bundle, sorted by destination."""
     handler = LAMBDAS_DIR / name / "handler.py"
     if not handler.is_file():
@@ -162,7 +181,11 @@ def plan_bundle(name: str, *, include_extensions: bool = True) -> list[BundleFil
         files.append(BundleFile(f"{PACKAGE}/{module}.py", source))
     check_requirements()
     for distribution in BUNDLED_DISTRIBUTIONS:
-        files.extend(_distribution_files(distribution, include_extensions=include_extensions))
+        files.extend(
+            _distribution_files(
+                distribution, include_extensions=include_extensions, python_version=python_version
+            )
+        )
     files.sort(key=lambda f: f.destination)
     destinations = [f.destination for f in files]
     duplicates = {d for d, following in itertools.pairwise(destinations) if d == following}
@@ -214,7 +237,9 @@ def _distribution(name: str) -> importlib.metadata.Distribution:
         ) from None
 
 
-def _distribution_files(name: str, *, include_extensions: bool) -> list[BundleFile]:
+def _distribution_files(
+    name: str, *, include_extensions: bool, python_version: str
+) -> list[BundleFile]:
     distribution = _distribution(name)
     files: list[BundleFile] = []
     for entry in distribution.files or ():
@@ -223,15 +248,112 @@ def _distribution_files(name: str, *, include_extensions: bool) -> list[BundleFi
             continue  # console scripts outside site-packages; bytecode is machine-specific
         if parts[-1] in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json"):
             continue  # install-time records, not needed to import the package
-        if entry.suffix in _EXTENSION_SUFFIXES and not include_extensions:
-            continue
+        if entry.suffix in _EXTENSION_SUFFIXES and not (
+            include_extensions and lambda_runtime_matches(python_version)
+        ):
+            continue  # built for this interpreter: the runtime's come from its wheel
         source = Path(str(distribution.locate_file(entry)))
         if not source.is_file():
             raise BundleError(f"{name}: {entry} is listed but missing; reinstall it")
         files.append(BundleFile(entry.as_posix(), source))
     if not files:
         raise BundleError(f"{name} lists no files to bundle")
+    compiled = any(entry.suffix in _EXTENSION_SUFFIXES for entry in distribution.files or ())
+    if compiled and include_extensions and not lambda_runtime_matches(python_version):
+        files.extend(_runtime_extensions(name, distribution.version, python_version))
     return files
+
+
+def _runtime_extensions(name: str, version: str, python_version: str) -> list[BundleFile]:
+    """The compiled extensions of ``name==version`` for CPython ``python_version`` on the
+    Lambda platform, from its wheel.
+
+    The wheel is downloaded once into WHEEL_CACHE_DIR and its extensions extracted beside
+    it; without a wheel (pip cannot reach an index) the bundle goes without them.
+    """
+    cache = WHEEL_CACHE_DIR / f"{_abi(python_version)}-{LAMBDA_WHEEL_PLATFORMS[0]}"
+    extracted = cache / f"{_canonical(name)}-{version}"
+    if not extracted.is_dir():
+        wheel = _download_wheel(name, version, python_version, cache)
+        if wheel is None:
+            return []
+        _extract_extensions(wheel, extracted)
+    return [
+        BundleFile(path.relative_to(extracted).as_posix(), path)
+        for path in sorted(extracted.rglob("*"))
+        if path.is_file()
+    ]
+
+
+def _download_wheel(name: str, version: str, python_version: str, cache: Path) -> Path | None:
+    cache.mkdir(parents=True, exist_ok=True)
+    abi = _abi(python_version)
+    prefix = f"{_canonical(name).replace('-', '_')}-{version}-{abi}-".lower()
+
+    def cached() -> list[Path]:
+        # Wheel names are normalised to lower case, but not by every older tool.
+        wheels = cache.glob("*.whl")
+        return sorted(wheel for wheel in wheels if wheel.name.lower().startswith(prefix))
+
+    if cached():
+        return cached()[0]
+    platforms = [arg for platform in LAMBDA_WHEEL_PLATFORMS for arg in ("--platform", platform)]
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            python_version,
+            "--implementation",
+            "cp",
+            "--abi",
+            abi,
+            *platforms,
+            "--dest",
+            str(cache),
+            f"{name}=={version}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if completed.returncode != 0 or not cached():
+        warnings.warn(
+            f"No {name}=={version} wheel for Python {python_version} on "
+            f"{LAMBDA_WHEEL_PLATFORMS[0]} (pip said: {completed.stderr.strip()[-500:]}): the "
+            "Lambda bundles leave its compiled extensions out and run on pure Python.",
+            stacklevel=2,
+        )
+        return None
+    return cached()[0]
+
+
+def _extract_extensions(wheel: Path, target: Path) -> None:
+    """The wheel's extension modules into ``target`` (atomically: a rename at the end)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            for member in archive.namelist():
+                path = PurePosixPath(member)
+                if path.suffix not in _EXTENSION_SUFFIXES or ".." in path.parts:
+                    continue
+                destination = staging / path
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                destination.write_bytes(archive.read(member))
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def _digest(files: Iterable[BundleFile]) -> str:
@@ -359,6 +481,7 @@ __all__ = [
     "BUNDLED_DISTRIBUTIONS",
     "BUNDLED_MODULES",
     "LAMBDA_BUILD_DIR",
+    "LAMBDA_PYTHON_VERSION",
     "BundleError",
     "BundleFile",
     "build_bundle",

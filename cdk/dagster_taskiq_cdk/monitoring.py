@@ -45,17 +45,24 @@ class PoolAlarms:
     oldest_step: cloudwatch.Alarm
     oldest_priority_step: cloudwatch.Alarm | None
     scaler: cloudwatch.Alarm
+    at_max_workers: cloudwatch.Alarm
 
     @property
     def all(self) -> list[cloudwatch.Alarm]:
-        alarms = [self.dead_letters, self.oldest_step, self.oldest_priority_step, self.scaler]
+        alarms = [
+            self.dead_letters,
+            self.oldest_step,
+            self.oldest_priority_step,
+            self.scaler,
+            self.at_max_workers,
+        ]
         return [alarm for alarm in alarms if alarm is not None]
 
 
 class Monitoring(Construct):
-    """Per pool: its queues (lane included), its workers, its DLQ, and three or four alarms
-    (dead letters not drained, steps waiting too long on each queue, scaler failing). Across
-    pools: the step metrics, the Lambdas, and the alarms' status.
+    """Per pool: its queues (lane included), its workers, its DLQ, and four or five alarms
+    (dead letters not drained, steps waiting too long on each queue, scaler failing, held at
+    max_workers). Across pools: the step metrics, the Lambdas, and the alarms' status.
 
     The default pool's alarms keep the ids they had before there were pools; another pool's
     are prefixed with its PascalCase name (``HighMemStepsWaitingTooLong``).
@@ -194,6 +201,21 @@ class Monitoring(Construct):
             period=ONE_MINUTE,
         )
 
+    def _at_max_workers(
+        self, monitored: MonitoredPool, period: Duration, *, label: bool = True
+    ) -> cloudwatch.Metric:
+        """The share of the scaler's evaluations that left the pool at max_workers."""
+        return cloudwatch.Metric(
+            namespace=NAMESPACE,
+            metric_name="AtMaxWorkers",
+            dimensions_map={"service": self._worker_service(monitored)},
+            statistic="Average",
+            period=period,
+            label=self._label("at max_workers (share of evaluations)", monitored.pool)
+            if label
+            else None,
+        )
+
     def _dead_letters_visible(self, queue: sqs.IQueue, pool: WorkerPool) -> cloudwatch.Metric:
         return queue.metric_approximate_number_of_messages_visible(
             statistic="Maximum",
@@ -282,11 +304,30 @@ class Monitoring(Construct):
             evaluation_periods=1,
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
+        minutes = self._settings.max_workers_alarm_minutes
+        at_max_workers = cloudwatch.Alarm(
+            self,
+            pool.prefixed("HeldAtMaxWorkers"),
+            alarm_description=(
+                f"{of_pool}The scaler has held the pool at max_workers ({pool.max_workers}) for "
+                f"{minutes} minutes: steps wait behind the cap, not for workers to start. If "
+                "their wait matters, raise max_workers; `dagster-taskiq scaling simulate` on "
+                "the ledger's history shows what a higher cap buys."
+            ),
+            metric=self._at_max_workers(monitored, FIVE_MINUTES, label=False),
+            # Nearly every evaluation of each five minutes: one evaluation below the cap is
+            # not a reason to reset the count.
+            threshold=0.9,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            evaluation_periods=minutes // 5,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
         return PoolAlarms(
             dead_letters=dead_letters,
             oldest_step=oldest_step,
             oldest_priority_step=oldest_priority_step,
             scaler=scaler,
+            at_max_workers=at_max_workers,
         )
 
     def _pool_widgets(self, monitored: MonitoredPool) -> list[cloudwatch.IWidget]:
@@ -344,6 +385,7 @@ class Monitoring(Construct):
                     tasks("RunningTaskCount", "running tasks"),
                     desired_workers,
                 ],
+                right=[self._at_max_workers(monitored, ONE_MINUTE)],
                 width=8,
             ),
             cloudwatch.GraphWidget(

@@ -22,13 +22,17 @@ from dagster_taskiq.settings import (
 )
 
 from . import environment as env
-from .database import Database
+from .database import DagsterDatabase
 from .functions import BundledFunction
 from .settings import DeploymentSettings, WorkerPool
 
 # A scheduled invocation evaluates for most of a minute (three times, 20 s apart); the extra
 # ten seconds cover a slow last evaluation.
 SCALER_TIMEOUT = Duration.seconds(70)
+# One for the scheduled invocation, which runs for most of each minute, and room beside it for
+# the executor's triggered ones, so a trigger is never throttled behind the schedule. The
+# scaler's lock in the database keeps their evaluations of one service from overlapping.
+SCALER_CONCURRENCY = 3
 SCHEDULE = events.Schedule.rate(Duration.minutes(1))
 
 SCALER_QUEUE_ACTIONS = ("sqs:GetQueueAttributes",)
@@ -49,7 +53,7 @@ class ScalerFunction(Construct):
         vpc: ec2.IVpc,
         subnets: ec2.SubnetSelection,
         queues: Sequence[sqs.IQueue],
-        database: Database,
+        database: DagsterDatabase,
         cluster: ecs.ICluster,
         service: ecs.FargateService,
     ) -> None:
@@ -65,8 +69,7 @@ class ScalerFunction(Construct):
             vpc=vpc,
             subnets=subnets,
             timeout=SCALER_TIMEOUT,
-            # One scaler at a time: two would race on desiredCount and on the decision history.
-            reserved_concurrent_executions=1,
+            reserved_concurrent_executions=SCALER_CONCURRENCY,
             environment={
                 # The pool's queues, comma-separated (one queue renders as a plain reference).
                 ENV_QUEUE_URL: Fn.join(",", [queue.queue_url for queue in queues]),
@@ -80,6 +83,12 @@ class ScalerFunction(Construct):
                 env.TARGET_BACKLOG: str(pool.target_backlog_per_worker),
                 env.STEPS_PER_WORKER: str(pool.steps_per_worker),
                 env.SCALE_IN_STABILIZATION: str(settings.scale_in_stabilization_seconds),
+                env.SCALE_OUT_LEAD: str(settings.scale_out_lead_seconds),
+                **(
+                    {env.TARGET_WAIT: str(settings.target_wait_seconds)}
+                    if settings.target_wait_seconds
+                    else {}
+                ),
                 env.METRICS_NAMESPACE: env.METRICS_NAMESPACE_VALUE,
             },
         )
@@ -97,7 +106,7 @@ class ScalerFunction(Construct):
                 actions=list(SCALER_SERVICE_ACTIONS), resources=[service.service_arn]
             )
         )
-        database.secret.grant_read(self.function)
+        self.bundled.grant_secret_read(database.secret)
         database.allow_from(self.bundled.security_group, f"scaler Lambda{of_pool}")
         self.schedule = events.Rule(
             self,

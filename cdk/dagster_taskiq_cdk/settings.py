@@ -59,6 +59,33 @@ WORKER_GIVE_BACK_SECONDS = 15
 
 _ENVIRONMENT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
 _VPC_ID = re.compile(r"^vpc-[0-9a-f]{8,17}$")
+_SECURITY_GROUP_ID = re.compile(r"^sg-[0-9a-f]{8,17}$")
+_SECRET_ARN = re.compile(
+    r"^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@!-]+$"
+)
+# A DNS name or an IPv4 address: what an RDS endpoint or a PostgreSQL host looks like.
+_HOSTNAME_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_HOSTNAME_LABEL}(\.{_HOSTNAME_LABEL})*$")
+# An unquoted PostgreSQL identifier (63 bytes at most).
+_DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+# The settings that name an existing database: all of them or none (database_port has a
+# default). database_security_group_id is the database's own group, which gets an ingress
+# rule for each of this stack's groups.
+EXISTING_DATABASE_SETTINGS = (
+    "database_endpoint",
+    "database_name",
+    "database_secret_arn",
+    "database_security_group_id",
+)
+# Settings of the database the stack creates: meaningless with an existing one.
+CREATED_DATABASE_SETTINGS = (
+    "deletion_protection",
+    "iam_database_auth",
+    "db_min_capacity",
+    "db_max_capacity",
+)
+DEFAULT_DATABASE_PORT = 5432
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 # Context keys the settings own look like this; CDK's own keys (feature flags, lookups,
 # "aws:cdk:...") contain "@", ":" or "/" and are left alone.
@@ -185,11 +212,38 @@ class DeploymentSettings:
     alert_email: str | None = _setting(None, "e-mail address subscribed to the alert topic")
     dagster_ui_url: str | None = _setting(None, "Dagster UI base URL, for run links in alerts")
     vpc_id: str | None = _setting(None, "existing VPC to deploy into; default: a new VPC")
+    database_endpoint: str | None = _setting(
+        None, "existing PostgreSQL host (your Dagster database); default: a new Aurora cluster"
+    )
+    database_port: int | None = _setting(
+        None, "existing PostgreSQL port; default 5432 (only with database_endpoint)"
+    )
+    database_name: str | None = _setting(None, "existing PostgreSQL database name")
+    database_secret_arn: str | None = _setting(
+        None, "Secrets Manager secret (JSON: username, password) of the existing database"
+    )
+    database_security_group_id: str | None = _setting(
+        None, "the existing database's security group: it admits the workers and Lambdas"
+    )
+    ecs_cluster_name: str | None = _setting(
+        None, "existing ECS cluster for the worker services; default: a new cluster"
+    )
     max_receive_count: int = _setting(5, "deliveries of a step before SQS dead-letters it")
     visibility_timeout: int = _setting(300, "seconds: a worker's lease on a step message")
     message_retention: int = _setting(345_600, "seconds the step queue keeps a message")
     stop_timeout: int = _setting(120, "seconds between SIGTERM and SIGKILL for a worker")
-    scale_in_stabilization_seconds: int = _setting(300, "the scaler's scale-in window, seconds")
+    scale_in_stabilization_seconds: int = _setting(
+        60, "the scaler's scale-in window, seconds (about a worker's start time)"
+    )
+    scale_out_lead_seconds: int = _setting(
+        60, "the scaler counts the steps runs launch next once due within this long, seconds"
+    )
+    target_wait_seconds: int = _setting(
+        0, "aim for this many seconds of wait per step instead of target_backlog_per_worker; 0: off"
+    )
+    max_workers_alarm_minutes: int = _setting(
+        30, "alarm when a pool has been held at max_workers this long, minutes"
+    )
     code_locations: str = _setting(
         "my_project.definitions", "comma-separated modules or files the workers may run jobs from"
     )
@@ -213,6 +267,15 @@ class DeploymentSettings:
 
     def __post_init__(self) -> None:
         self._validate()
+
+    @property
+    def existing_database(self) -> bool:
+        """True: workers, Lambdas and ledger use the user's database; none is created."""
+        return self.database_endpoint is not None
+
+    @property
+    def database_port_or_default(self) -> int:
+        return self.database_port or DEFAULT_DATABASE_PORT
 
     @property
     def stack_name(self) -> str:
@@ -332,6 +395,21 @@ class DeploymentSettings:
             "scale_in_stabilization_seconds",
             "must be 0 to 3600 seconds",
         )
+        _check(
+            0 <= self.scale_out_lead_seconds <= 3600,
+            "scale_out_lead_seconds",
+            "must be 0 to 3600 seconds",
+        )
+        _check(
+            0 <= self.target_wait_seconds <= 86_400,
+            "target_wait_seconds",
+            "must be 0 (off) to 86400 seconds",
+        )
+        _check(
+            5 <= self.max_workers_alarm_minutes <= 1440 and self.max_workers_alarm_minutes % 5 == 0,
+            "max_workers_alarm_minutes",
+            "must be a multiple of 5 from 5 to 1440 minutes",
+        )
         dockerfile = PurePosixPath(self.worker_dockerfile)
         _check(
             bool(self.worker_dockerfile)
@@ -360,6 +438,74 @@ class DeploymentSettings:
             f"must be one of {sorted(LOG_RETENTION_DAYS)} (CloudWatch Logs' periods)",
         )
         self._validate_pools()
+        self._validate_existing_database()
+        self._validate_cluster()
+
+    def _validate_existing_database(self) -> None:
+        given = [name for name in EXISTING_DATABASE_SETTINGS if getattr(self, name) is not None]
+        if self.database_port is not None and not given:
+            raise SettingsError(
+                "Context setting 'database_port' applies only to an existing database: set it "
+                "with " + ", ".join(EXISTING_DATABASE_SETTINGS) + "."
+            )
+        if not given:
+            return
+        missing = [name for name in EXISTING_DATABASE_SETTINGS if name not in given]
+        if missing:
+            raise SettingsError(
+                "An existing database needs all of "
+                + ", ".join(EXISTING_DATABASE_SETTINGS)
+                + f" (and optionally database_port); missing: {', '.join(missing)}. Set none "
+                "of them to have the stack create its own database."
+            )
+        _check(
+            self.vpc_id is not None,
+            "database_endpoint",
+            "needs vpc_id: the workers and Lambdas must run in the database's VPC",
+        )
+        changed = [
+            name
+            for name in CREATED_DATABASE_SETTINGS
+            if getattr(self, name) != DeploymentSettings.documentation()[name][0]
+        ]
+        if changed:
+            raise SettingsError(
+                f"Context setting(s) {', '.join(changed)} configure the database the stack "
+                "creates; with database_endpoint the stack creates none. Unset them."
+            )
+        _check(
+            bool(_HOSTNAME.match(self.database_endpoint or "")),
+            "database_endpoint",
+            "must be a host name or IPv4 address (the RDS endpoint, without port or scheme)",
+        )
+        _check(
+            1 <= self.database_port_or_default <= 65_535,
+            "database_port",
+            "must be a TCP port, 1 to 65535",
+        )
+        _check(
+            bool(_DATABASE_NAME.match(self.database_name or "")),
+            "database_name",
+            "must be a PostgreSQL database name (letters, digits, _ and $; 63 at most)",
+        )
+        _check(
+            bool(_SECRET_ARN.match(self.database_secret_arn or "")),
+            "database_secret_arn",
+            "must be the full ARN of a Secrets Manager secret "
+            "(arn:aws:secretsmanager:<region>:<account>:secret:<name>-<suffix>)",
+        )
+        _check(
+            bool(_SECURITY_GROUP_ID.match(self.database_security_group_id or "")),
+            "database_security_group_id",
+            "must be a security group id (sg-0123456789abcdef0)",
+        )
+
+    def _validate_cluster(self) -> None:
+        _check(
+            self.ecs_cluster_name is None or bool(_CLUSTER_NAME.match(self.ecs_cluster_name)),
+            "ecs_cluster_name",
+            "must be an ECS cluster name: 1-255 letters, digits, hyphens and underscores",
+        )
 
     def _validate_pools(self) -> None:
         if self.pools is None:
@@ -526,6 +672,7 @@ _PARSERS: dict[Any, Callable[[str, Any], Any]] = {
     "bool": _parse_bool,
     "str": _parse_str,
     "str | None": _parse_optional_str,
+    "int | None": _parse_optional_int,
     "tuple[PoolSpec, ...] | None": _parse_pools,
 }
 _POOL_PARSERS: dict[Any, Callable[[str, Any], Any]] = {

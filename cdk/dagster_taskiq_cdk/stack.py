@@ -8,7 +8,7 @@ from aws_cdk import App, CfnOutput, Environment, Stack, Tags
 from constructs import Construct
 
 from .alerts import AlertTopic
-from .database import Database
+from .database import Database, ExistingDatabase, build_database
 from .dead_letters import DEAD_LETTER_VISIBILITY_TIMEOUT, DeadLetterFunction
 from .monitoring import MonitoredPool, Monitoring
 from .nag import add_checks
@@ -18,6 +18,7 @@ from .queue import StepQueues
 from .run_worker import RunWorkerAccess
 from .scaling import ScalerFunction
 from .settings import DEFAULT_POOL, DeploymentSettings, SettingsError, WorkerPool
+from .signing import SigningKey
 from .workers import Workers
 
 
@@ -58,9 +59,11 @@ class DagsterTaskiqStack(Stack):
             for pool in pools
         }
         self.queues = self.pool_queues[DEFAULT_POOL]
-        self.database = Database(
+        # The user's Dagster database (database_endpoint and friends), or a new one.
+        self.database: Database | ExistingDatabase = build_database(
             self, "Database", settings=settings, vpc=network.vpc, subnets=subnets
         )
+        self.signing_key = SigningKey(self, "SigningKey", settings=settings)
         self.workers = Workers(
             self,
             "Workers",
@@ -69,6 +72,7 @@ class DagsterTaskiqStack(Stack):
             subnets=subnets,
             pools=list(self.pool_queues.values()),
             database=self.database,
+            signing_key=self.signing_key.secret,
             dockerfile=worker_dockerfile(settings),
         )
         self.database.allow_from(self.workers.security_group, "dagster-taskiq workers")
@@ -99,6 +103,7 @@ class DagsterTaskiqStack(Stack):
             database=self.database,
             topic=self.alerts.topic,
             topic_key=self.alerts.key,
+            signing_key=self.signing_key.secret,
         )
         self.run_worker = RunWorkerAccess(
             self,
@@ -108,6 +113,7 @@ class DagsterTaskiqStack(Stack):
             scalers=[scaler.function for scaler in self.scalers.values()],
             service_arns=[p.service.service_arn for p in self.workers.pools.values()],
             database=self.database,
+            signing_key=self.signing_key.secret,
         )
         self.monitoring = Monitoring(
             self,
@@ -148,7 +154,14 @@ class DagsterTaskiqStack(Stack):
                 self.database.secret.secret_arn,
                 "username and password of the database",
             ),
-            "DatabaseEndpoint": (self.database.hostname, "PostgreSQL host (port 5432)"),
+            "DatabaseEndpoint": (
+                self.database.hostname,
+                f"PostgreSQL host (port {self.database.port})",
+            ),
+            "SigningKeySecretArn": (
+                self.signing_key.secret.secret_arn,
+                "executor signing_key_secret_arn (DAGSTER_TASKIQ_SIGNING_KEY_SECRET_ARN)",
+            ),
             "AlertTopicArn": (self.alerts.topic.topic_arn, "dead-letter alerts and alarms"),
             "RunWorkerPolicyArn": (
                 self.run_worker.policy.managed_policy_arn,
@@ -161,6 +174,18 @@ class DagsterTaskiqStack(Stack):
             "MessageRetentionSeconds": (
                 str(self.settings.message_retention),
                 "executor message_retention, to match the queue",
+            ),
+            "WorkerLogGroupName": (
+                self.workers.log_group.log_group_name,
+                "the workers' logs (DAGSTER_TASKIQ_WORKER_LOG_GROUP)",
+            ),
+            "ScalerLogGroupName": (
+                self.scaler.bundled.log_group.log_group_name,
+                "the scaler's logs (DAGSTER_TASKIQ_SCALER_LOG_GROUP)",
+            ),
+            "DeadLetterProcessorLogGroupName": (
+                self.dead_letters.bundled.log_group.log_group_name,
+                "the DLQ processor's logs (DAGSTER_TASKIQ_DLQ_PROCESSOR_LOG_GROUP)",
             ),
         }
         for name, (value, description) in outputs.items():
@@ -186,6 +211,14 @@ class DagsterTaskiqStack(Stack):
                     "EcsServiceName": (
                         self.workers.pools[pool.name].service.service_name,
                         f"pool {pool.name}: its worker service",
+                    ),
+                    "WorkerLogGroupName": (
+                        self.workers.pools[pool.name].log_group.log_group_name,
+                        f"pool {pool.name}: its workers' logs",
+                    ),
+                    "ScalerLogGroupName": (
+                        self.scalers[pool.name].bundled.log_group.log_group_name,
+                        f"pool {pool.name}: its scaler's logs",
                     ),
                 }
             if queues.priority_queue is not None:
@@ -215,6 +248,13 @@ def stack_environment(settings: DeploymentSettings) -> Environment | None:
     account = os.environ.get("CDK_DEFAULT_ACCOUNT")
     region = os.environ.get("CDK_DEFAULT_REGION")
     if account and region:
+        secret = settings.database_secret_arn
+        if secret and secret.split(":")[3:5] != [region, account]:
+            raise SettingsError(
+                f"database_secret_arn is in {':'.join(secret.split(':')[3:5])} (region:account) "
+                f"but the stack deploys to {region}:{account}: the workers and Lambdas read "
+                "the database secret of their own account and region."
+            )
         return Environment(account=account, region=region)
     if settings.vpc_id:
         raise SettingsError(

@@ -11,6 +11,7 @@ from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
+from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
 from dagster_taskiq.settings import (
@@ -18,24 +19,26 @@ from dagster_taskiq.settings import (
     ENV_CONCURRENCY,
     ENV_DATABASE_PASSWORD,
     ENV_DATABASE_URL,
+    ENV_DATABASE_USER,
     ENV_PRIORITY_QUEUE_URL,
     ENV_QUEUE_URL,
     ENV_REGION,
+    ENV_SIGNING_KEY,
 )
 
 from . import environment as env
-from .database import Database
+from .database import DagsterDatabase
 from .nag import Acknowledgment, acknowledge
 from .paths import REPO_ROOT
 from .queue import StepQueues
 from .settings import DEFAULT_POOL, DeploymentSettings, WorkerPool
 
-# What a worker does with its pool's queues: receive, extend its lease (the heartbeat), delete
-# after completion, and read the queue's attributes. Nothing else, and only on those queues.
+# What a worker does with its pool's queues: receive, extend its lease (the heartbeat), and
+# delete after completion. Nothing else (it never reads the queue's attributes), and only on
+# those queues.
 WORKER_QUEUE_ACTIONS = (
     "sqs:ChangeMessageVisibility",
     "sqs:DeleteMessage",
-    "sqs:GetQueueAttributes",
     "sqs:ReceiveMessage",
 )
 
@@ -75,7 +78,8 @@ class Workers(Construct):
         vpc: ec2.IVpc,
         subnets: ec2.SubnetSelection,
         pools: Sequence[StepQueues],
-        database: Database,
+        database: DagsterDatabase,
+        signing_key: secretsmanager.ISecret,
         dockerfile: str,
     ) -> None:
         super().__init__(scope, construct_id)
@@ -86,13 +90,21 @@ class Workers(Construct):
             description="dagster-taskiq workers: no inbound; outbound to AWS APIs and the database",
             allow_all_outbound=True,
         )
-        self.cluster = ecs.Cluster(
-            self,
-            "Cluster",
-            vpc=vpc,
-            container_insights_v2=ecs.ContainerInsights.ENHANCED,
-            enable_fargate_capacity_providers=True,
-        )
+        self.cluster: ecs.ICluster
+        if settings.ecs_cluster_name:
+            # The user's cluster: it must have the FARGATE and FARGATE_SPOT capacity
+            # providers (the services' strategy names them); its settings stay the user's.
+            self.cluster = ecs.Cluster.from_cluster_attributes(
+                self, "Cluster", cluster_name=settings.ecs_cluster_name, vpc=vpc
+            )
+        else:
+            self.cluster = ecs.Cluster(
+                self,
+                "Cluster",
+                vpc=vpc,
+                container_insights_v2=ecs.ContainerInsights.ENHANCED,
+                enable_fargate_capacity_providers=True,
+            )
         # Built at deploy time (cdk deploy runs docker build); synth only hashes and stages the
         # build context: the repository root, cut down to what the Dockerfile copies. One image
         # for every pool: they differ in task size, concurrency and queues, not in code.
@@ -115,6 +127,7 @@ class Workers(Construct):
                 security_group=self.security_group,
                 subnets=subnets,
                 database=database,
+                signing_key=signing_key,
                 image=image,
             )
         default = self.pools[DEFAULT_POOL]
@@ -136,7 +149,8 @@ class PoolService:
         cluster: ecs.ICluster,
         security_group: ec2.ISecurityGroup,
         subnets: ec2.SubnetSelection,
-        database: Database,
+        database: DagsterDatabase,
+        signing_key: secretsmanager.ISecret,
         image: ecs.ContainerImage,
     ) -> None:
         self.pool = pool
@@ -179,6 +193,18 @@ class PoolService:
         if queues.priority_queue is not None:
             # The worker receives from the lane first, then from the step queue.
             environment[ENV_PRIORITY_QUEUE_URL] = queues.priority_queue.queue_url
+        secrets = {
+            env.PG_USER: ecs.Secret.from_secrets_manager(database.secret, "username"),
+            env.PG_PASSWORD: ecs.Secret.from_secrets_manager(database.secret, "password"),
+            ENV_DATABASE_PASSWORD: ecs.Secret.from_secrets_manager(database.secret, "password"),
+            # The whole secret string is the key: the worker accepts only what it verifies.
+            ENV_SIGNING_KEY: ecs.Secret.from_secrets_manager(signing_key),
+        }
+        if database.username is None:
+            # An existing database's user is in its secret, not in the ledger URL.
+            secrets[ENV_DATABASE_USER] = ecs.Secret.from_secrets_manager(
+                database.secret, "username"
+            )
         task_definition.add_container(
             CONTAINER_NAME,
             image=image,
@@ -186,11 +212,7 @@ class PoolService:
             entry_point=["dagster-taskiq"],
             command=["worker", "--stop-timeout", str(settings.worker_stop_timeout)],
             environment=environment,
-            secrets={
-                env.PG_USER: ecs.Secret.from_secrets_manager(database.secret, "username"),
-                env.PG_PASSWORD: ecs.Secret.from_secrets_manager(database.secret, "password"),
-                ENV_DATABASE_PASSWORD: ecs.Secret.from_secrets_manager(database.secret, "password"),
-            },
+            secrets=secrets,
             logging=ecs.LogDrivers.aws_logs(stream_prefix=CONTAINER_NAME, log_group=self.log_group),
             # SIGTERM, then this long to finish or give back running steps, then SIGKILL.
             stop_timeout=Duration.seconds(settings.stop_timeout),
@@ -238,7 +260,8 @@ class PoolService:
                     "AwsSolutions-ECS2",
                     "The plain environment holds only non-secret configuration (queue URLs, "
                     "concurrency, code locations, database host/port/name, metric names); the "
-                    "database username and password come from Secrets Manager as ECS secrets.",
+                    "database username and password and the message signing key come from "
+                    "Secrets Manager as ECS secrets.",
                 ),
             ],
         )

@@ -12,16 +12,20 @@ from typing import Any
 
 import click
 
+from dagster_taskiq.messages import DEFAULT_MAX_STEP_ARGS_BYTES
 from dagster_taskiq.settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ENV_CODE_LOCATIONS,
     ENV_CONCURRENCY,
     ENV_DATABASE_URL,
     ENV_ENDPOINT_URL,
+    ENV_MAX_STEP_ARGS_BYTES,
     ENV_PRIORITY_QUEUE_URL,
     ENV_QUEUE_URL,
     ENV_REGION,
     ENV_SIGNING_KEY,
+    ENV_SIGNING_KEY_SECRET_ARN,
+    ENV_STEP_PROCESS_START,
     ConfigurationError,
 )
 
@@ -93,9 +97,23 @@ def _urls(given: tuple[str, ...], env_var: str) -> tuple[str, ...]:
     envvar=ENV_SIGNING_KEY,
     help=f"Accept only signed messages. [${ENV_SIGNING_KEY}]",
 )
+@click.option(
+    "--signing-key-secret-arn",
+    envvar=ENV_SIGNING_KEY_SECRET_ARN,
+    help="Accept only signed messages, with the key read from this Secrets Manager secret. "
+    f"[${ENV_SIGNING_KEY_SECRET_ARN}]",
+)
 @click.option("--aws-region", envvar=ENV_REGION, help=f"[${ENV_REGION}]")
 @click.option(
     "--endpoint-url", envvar=ENV_ENDPOINT_URL, help=f"SQS endpoint override. [${ENV_ENDPOINT_URL}]"
+)
+@click.option(
+    "--max-heartbeat-interval",
+    type=click.FloatRange(0.5, 60),
+    default=10.0,
+    show_default=True,
+    help="Renew a running step's lease at least this often (seconds), so that a cancel "
+    "lands quickly; a third of the lease if that is sooner.",
 )
 @click.option(
     "--max-steps-per-process",
@@ -103,6 +121,16 @@ def _urls(given: tuple[str, ...], env_var: str) -> tuple[str, ...]:
     default=1000,
     show_default=True,
     help="Recycle a step process after this many steps, to bound memory.",
+)
+@click.option(
+    "--step-process-start",
+    envvar=ENV_STEP_PROCESS_START,
+    type=click.Choice(["fork-server", "spawn"]),
+    default="fork-server",
+    show_default=True,
+    help="Fork step processes from a process that imported Dagster and the code locations "
+    "once (they share its memory and start in milliseconds), or spawn each, to import them "
+    f"itself. [${ENV_STEP_PROCESS_START}]",
 )
 @click.option(
     "--wait-seconds",
@@ -119,6 +147,15 @@ def _urls(given: tuple[str, ...], env_var: str) -> tuple[str, ...]:
     help="Seconds running steps get to finish after SIGTERM before they are given back.",
 )
 @click.option("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, show_default=True)
+@click.option(
+    "--max-step-args-bytes",
+    envvar=ENV_MAX_STEP_ARGS_BYTES,
+    type=click.IntRange(1024),
+    default=DEFAULT_MAX_STEP_ARGS_BYTES,
+    show_default=True,
+    help="Reject a message whose step arguments inflate to more than this; memory stays "
+    f"within it. [${ENV_MAX_STEP_ARGS_BYTES}]",
+)
 def worker(
     queue_urls: tuple[str, ...],
     priority_queue_urls: tuple[str, ...],
@@ -127,12 +164,16 @@ def worker(
     database_url: str | None,
     code_locations: tuple[str, ...],
     signing_key: str | None,
+    signing_key_secret_arn: str | None,
     aws_region: str | None,
     endpoint_url: str | None,
+    max_heartbeat_interval: float,
     max_steps_per_process: int,
+    step_process_start: str,
     wait_seconds: int,
     stop_timeout: float,
     max_message_bytes: int,
+    max_step_args_bytes: int,
 ) -> None:
     """Run steps from the given queues in warm step processes."""
     from dagster_taskiq.worker.config import CodeLocation, WorkerSettings
@@ -163,10 +204,14 @@ def worker(
             endpoint_url=endpoint_url,
             concurrency=concurrency,
             signing_key=signing_key,
+            signing_key_secret_arn=signing_key_secret_arn,
+            max_heartbeat_interval=max_heartbeat_interval,
             max_steps_per_process=max_steps_per_process,
+            step_process_start=step_process_start,
             wait_seconds=wait_seconds,
             stop_timeout=stop_timeout,
             max_message_bytes=max_message_bytes,
+            max_step_args_bytes=max_step_args_bytes,
         )
     except ValueError as e:
         raise click.ClickException(str(e)) from e
@@ -215,6 +260,11 @@ def ui(max_workers: int, port: int) -> None:
             f"(at most {max_workers}).",
             err=True,
         )
+        click.echo(
+            f"To operate it from another shell: export DAGSTER_TASKIQ_LOCAL_STACK={stack.root}, "
+            "then dagster-taskiq status (or runs, dlq, logs).",
+            err=True,
+        )
         click.echo(f"Open http://127.0.0.1:{port} and launch demo_job.", err=True)
         command = [
             sys.executable, "-m", "dagster", "dev",
@@ -253,6 +303,33 @@ def ledger_cleanup(database_url: str) -> None:
     click.echo(f"deleted {deleted} expired records in {time.monotonic() - started:.2f} s")
 
 
+@ledger.command("upgrade")
+@click.option("--database-url", envvar=ENV_DATABASE_URL, required=True)
+def ledger_upgrade(database_url: str) -> None:
+    """Bring the ledger's schema to this release's revision (safe to repeat, and to run
+    while workers and runs use the ledger: every revision only adds)."""
+    from dagster_taskiq.ledger import Ledger, LedgerUnavailable
+    from dagster_taskiq.migrations import upgrade_ledger
+    from dagster_taskiq.schema import SchemaStatus
+
+    store = Ledger(database_url)
+    try:
+        before, after = upgrade_ledger(store)
+    except LedgerUnavailable as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        store.dispose()
+    if after.status is SchemaStatus.NEWER:
+        raise click.ClickException(
+            f"The ledger is at revision {after.revision}, newer than this release knows; "
+            "use the release that upgraded it."
+        )
+    if before == after:
+        click.echo(f"The ledger is current: {after.describe()}.")
+    else:
+        click.echo(f"Upgraded the ledger from {before.describe()} to revision {after.revision}.")
+
+
 def _add_load_commands() -> None:
     from dagster_taskiq.load.commands import load, verify
 
@@ -261,6 +338,24 @@ def _add_load_commands() -> None:
 
 
 _add_load_commands()
+
+from dagster_taskiq.simulation.commands import scaling  # noqa: E402 (after the CLI group it joins)
+
+cli.add_command(scaling)
+
+
+def _add_operations_commands() -> None:
+    from dagster_taskiq.operations.commands import dlq, logs, runs, status
+
+    for command in (status, runs, dlq, logs):
+        cli.add_command(command)
+
+
+_add_operations_commands()
+
+from dagster_taskiq.doctor.command import doctor  # noqa: E402 (after the CLI group it joins)
+
+cli.add_command(doctor)
 
 
 def main() -> None:

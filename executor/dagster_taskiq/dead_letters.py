@@ -9,7 +9,13 @@ delete that was lost): the ledger leaves a terminal row alone, so nothing is mar
 nobody is paged.
 
 Alerts are plain text for people; their last line is one JSON object for machines, whose
-``attempt`` is 0-based as in the idempotency key.
+``attempt`` is 0-based as in the idempotency key. Every value an alert quotes is cut to
+``ALERT_FIELD_MAX_BYTES`` and the whole to what SNS takes, saying so: a step key of any
+length never makes a dead letter unprocessable.
+
+A step whose last delivery's worker stopped heartbeating may already be DEAD_LETTERED when
+its letter comes: the executor presumes so when this processor is late (see ``health``).
+The processor confirms such a row, once, and that confirmation is what alerts.
 
 Dagster-free: the Lambda imports it.
 """
@@ -21,8 +27,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dagster_taskiq.ledger import Ledger, LedgerUnavailable, StepRecord
-from dagster_taskiq.messages import MessageRejected, StepMessage, decode, peek_key
+from dagster_taskiq.ledger import REJECTION_TEXT_CHARS, Ledger, LedgerUnavailable, StepRecord
+from dagster_taskiq.messages import MessageRejected, StepMessage, decode, peek_key, safe_text
 from dagster_taskiq.observability import emit_metric, get_logger
 
 if TYPE_CHECKING:
@@ -32,6 +38,12 @@ SERVICE = "dlq-processor"
 # Who recorded a rejection, in the ledger's rejected-messages table.
 WORKER_ID = "dlq-processor"
 SNS_SUBJECT_MAX_CHARS = 100
+# SNS refuses a message over 256 KiB, counted in UTF-8 bytes: a dead letter whose alert
+# is larger would fail on every try until the DLQ's retention ends.
+SNS_MESSAGE_MAX_BYTES = 262_144
+# What an alert quotes of any one value (a step key, a run id, a detail): enough to find
+# it. The ledger and the dead letter itself keep the whole.
+ALERT_FIELD_MAX_BYTES = 2_048
 # Enough of an undecodable body to recognise it; the ledger keeps 2000 characters.
 ALERT_BODY_EXCERPT_CHARS = 500
 
@@ -49,6 +61,8 @@ class DeadLetter:
 
 class Outcome(enum.StrEnum):
     MARKED = "marked"  # the step was live and is now DEAD_LETTERED
+    # The executor had presumed it DEAD_LETTERED (it gave up waiting): confirmed now.
+    CONFIRMED = "confirmed"
     ALREADY_TERMINAL = "already_terminal"  # finished before (a lost delete): left alone
     UNKNOWN_KEY = "unknown_key"  # a valid message with no ledger row
     MALFORMED = "malformed"  # not a step message this deployment sent
@@ -87,7 +101,11 @@ class SnsAlerts:
         return f"SnsAlerts({self.topic_arn})"
 
     def publish(self, subject: str, message: str) -> None:
-        self.client.publish(TopicArn=self.topic_arn, Subject=sns_subject(subject), Message=message)
+        self.client.publish(
+            TopicArn=self.topic_arn,
+            Subject=sns_subject(subject),
+            Message=clip(message, SNS_MESSAGE_MAX_BYTES),
+        )
 
 
 def sns_subject(text: str) -> str:
@@ -99,8 +117,38 @@ def sns_subject(text: str) -> str:
     return ascii_only or "dagster-taskiq alert"
 
 
+def clip(text: str, max_bytes: int) -> str:
+    """``text`` in at most ``max_bytes`` of UTF-8, cut with a note that says so.
+
+    Never splits a character; lone surrogates and NUL become U+FFFD, so the result
+    always encodes.
+    """
+    clean = safe_text(text, len(text))
+    data = clean.encode()
+    if len(data) <= max_bytes:
+        return clean
+    note = f"... [{len(clean)} characters, {len(data)} bytes, cut]"
+    room = max_bytes - len(note)  # the note is ASCII
+    if room <= 0:
+        return note[:max_bytes]
+    return data[:room].decode("utf-8", "ignore") + note
+
+
+def _q(value: object) -> str:
+    """A value quoted in an alert's text, bounded."""
+    return clip(str(value), ALERT_FIELD_MAX_BYTES)
+
+
 def _alert_text(paragraphs: list[str], fields: dict[str, Any]) -> str:
-    return "\n\n".join([*paragraphs, json.dumps(fields, sort_keys=True)])
+    """People's paragraphs, then one JSON line for machines, in one SNS message.
+
+    Every string field is bounded, so the JSON line stays whole; the paragraphs (whose
+    values callers bound with ``_q``) are cut to what room the line leaves.
+    """
+    bounded = {k: _q(v) if isinstance(v, str) else v for k, v in fields.items()}
+    line = json.dumps(bounded, sort_keys=True)
+    room = SNS_MESSAGE_MAX_BYTES - len(line.encode()) - 2
+    return clip("\n\n".join(paragraphs), room) + "\n\n" + line
 
 
 def _storable(text: str) -> str:
@@ -110,7 +158,7 @@ def _storable(text: str) -> str:
     the driver cannot encode); a rejection that can never be stored would be retried for
     ever.
     """
-    return text.encode("utf-8", "replace").decode().replace("\x00", "\ufffd")
+    return safe_text(text, REJECTION_TEXT_CHARS)
 
 
 class DeadLetterProcessor:
@@ -155,14 +203,19 @@ class DeadLetterProcessor:
             # it dies in the DLQ while the real step may be running fine: leave the row be.
             # The hash of a row never changes, so checking before marking is not a race.
             return self._mismatch(letter, message, row)
-        if not row.status.is_terminal:
+        # A row the executor presumed DEAD_LETTERED (the processor was late) is confirmed:
+        # that transition, once, is what alerts.
+        confirming = row.presumed_dead_letter
+        if not row.status.is_terminal or confirming:
             # The ledger counts the deliveries workers claimed. SQS's receive count carries
             # over into the DLQ and includes this processor's own receives, so it is only a
             # fallback (less the DLQ's receive) for a step no worker ever claimed.
             deliveries = row.deliveries or max(1, letter.receive_count - 1)
             reason = f"dead-lettered after {deliveries} deliveries (no worker could complete it)"
+            if confirming:
+                reason += "; the executor had presumed it when the DLQ processor was late"
             if self.ledger.dead_letter(key, deliveries=deliveries, reason=reason):
-                return self._marked(letter, message, deliveries)
+                return self._marked(letter, message, deliveries, confirmed=confirming)
             # It became terminal meanwhile (a worker finished it).
             row = self.ledger.get(key)
             if row is None:
@@ -172,7 +225,7 @@ class DeadLetterProcessor:
     # -- outcomes ------------------------------------------------------------------------
 
     def _marked(
-        self, letter: DeadLetter, message: StepMessage, deliveries: int
+        self, letter: DeadLetter, message: StepMessage, deliveries: int, *, confirmed: bool = False
     ) -> DeadLetterResult:
         emit_metric("StepsDeadLettered", 1)
         # From here on nothing may raise: a retried record would find the row
@@ -190,21 +243,33 @@ class DeadLetterProcessor:
             deliveries = record.deliveries
         subject = f"Dagster step dead-lettered: {message.step_key} in run {message.run_id}"
         link = f"{self._dagster_ui_url}/runs/{message.run_id}" if self._dagster_ui_url else None
+        if confirmed:
+            marked = (
+                "The executor had already failed the step in Dagster, presuming it "
+                "dead-lettered when this processor had not marked it in time; the ledger now "
+                "confirms it. If this processor was down or failing, check its errors and "
+                "its event source."
+            )
+        else:
+            marked = "It is marked DEAD_LETTERED in the ledger, so the run fails the step."
         paragraphs = [
-            f'Step "{message.step_key}" of run {message.run_id} (attempt '
+            f'Step "{_q(message.step_key)}" of run {_q(message.run_id)} (attempt '
             f"{message.attempt + 1}) was dead-lettered after {deliveries} deliveries: no worker "
             "could complete it, typically because the op crashes or kills its worker every "
-            "time. It is marked DEAD_LETTERED in the ledger, so the run fails the step.",
-            f"Run: {link or message.run_id}\n"
-            f"Step key: {message.step_key}\n"
+            f"time. {marked}",
+            f"Run: {_q(link or message.run_id)}\n"
+            f"Step key: {_q(message.step_key)}\n"
             f"Attempt: {message.attempt + 1}\n"
             f"Deliveries: {deliveries}\n"
-            f"Idempotency key: {message.idempotency_key}\n"
-            f"Dead-letter message id: {letter.message_id}",
+            f"Idempotency key: {_q(message.idempotency_key)}\n"
+            f"Dead-letter message id: {_q(letter.message_id)}",
         ]
         fields = self._fields("step_dead_lettered", letter, message)
         fields.update(deliveries=deliveries, dagster_run_url=link)
-        detail = f"marked DEAD_LETTERED after {deliveries} deliveries"
+        if confirmed:
+            fields.update(presumed_by_executor=True)
+        verb = "confirmed" if confirmed else "marked"
+        detail = f"{verb} DEAD_LETTERED after {deliveries} deliveries"
         try:
             self._alerts.publish(subject, _alert_text(paragraphs, fields))
             alerted = True
@@ -215,7 +280,8 @@ class DeadLetterProcessor:
             )
             alerted = False
             detail += f"; the alert could not be published ({type(e).__name__}: {e})"
-        return self._result(Outcome.MARKED, message, deliveries, alerted=alerted, detail=detail)
+        outcome = Outcome.CONFIRMED if confirmed else Outcome.MARKED
+        return self._result(outcome, message, deliveries, alerted=alerted, detail=detail)
 
     def _already_terminal(self, message: StepMessage, row: StepRecord) -> DeadLetterResult:
         emit_metric("DeadLettersIgnored", 1)
@@ -231,11 +297,11 @@ class DeadLetterProcessor:
         key = peek_key(letter.body)
         excerpt = letter.body[:ALERT_BODY_EXCERPT_CHARS]
         paragraphs = [
-            f"Malformed dead letter {letter.message_id} ({reason}): {detail}. It was never "
-            "executed; the ledger records it among the rejected messages with reason "
+            f"Malformed dead letter {_q(letter.message_id)} ({reason}): {_q(detail)}. It was "
+            "never executed; the ledger records it among the rejected messages with reason "
             f"dead_letter_{reason}.",
             # repr: the body is untrusted, and must not smuggle control characters.
-            f"Idempotency key (unverified): {key!r}\n"
+            f"Idempotency key (unverified): {_q(repr(key))}\n"
             f"Body (first {ALERT_BODY_EXCERPT_CHARS} characters): {excerpt!r}",
         ]
         fields = {
@@ -273,8 +339,8 @@ class DeadLetterProcessor:
             f"the step ({row.status}) was left alone"
         )
         paragraphs = [
-            f"Malformed dead letter {letter.message_id} (mismatch): it names step "
-            f'"{message.step_key}" of run {message.run_id} (attempt {message.attempt + 1}) '
+            f"Malformed dead letter {_q(letter.message_id)} (mismatch): it names step "
+            f'"{_q(message.step_key)}" of run {_q(message.run_id)} (attempt {message.attempt + 1}) '
             "but carries different step arguments than the ones launched under that key, so "
             f"it is not that step's message. The step ({row.status}) was left alone.",
         ]
@@ -291,8 +357,8 @@ class DeadLetterProcessor:
     def _unknown_key(self, letter: DeadLetter, message: StepMessage) -> DeadLetterResult:
         detail = "no ledger row for this idempotency key: never launched, or its row expired"
         paragraphs = [
-            f'Dead letter {letter.message_id} is for step "{message.step_key}" of run '
-            f"{message.run_id} (attempt {message.attempt + 1}), which has no ledger row: it "
+            f'Dead letter {_q(letter.message_id)} is for step "{_q(message.step_key)}" of run '
+            f"{_q(message.run_id)} (attempt {message.attempt + 1}), which has no ledger row: it "
             "was never launched by an executor, or its row expired. Nothing was marked.",
         ]
         self._reject(

@@ -24,6 +24,7 @@ from dagster import (
     executor,
 )
 from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
+from dagster._core.event_api import EventLogCursor
 from dagster._core.execution.retries import RetryMode, get_retries_config
 from dagster._core.execution.step_dependency_config import (
     StepDependencyConfig,
@@ -35,8 +36,18 @@ from dagster._core.executor.init import InitExecutorContext
 from dagster._core.executor.step_delegating import StepDelegatingExecutor
 from dagster._core.instance import DagsterInstance
 
+from dagster_taskiq.event_wait import (
+    FALLBACK_POLL_SECONDS,
+    SAFETY_READ_SECONDS,
+    RunEventWaiter,
+    listen_connector,
+)
+from dagster_taskiq.expected import RunOutlook
+from dagster_taskiq.health import DEFAULT_DEAD_LETTER_TIMEOUT
 from dagster_taskiq.instance_storage import pooled_event_log, remember_run_stats_columns
 from dagster_taskiq.ledger import Ledger, LedgerUnavailable
+from dagster_taskiq.migrations import ensure_schema
+from dagster_taskiq.outlook import OutlookStore
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue, sqs_client
 from dagster_taskiq.routing import (
     DEFAULT_PRIORITY_THRESHOLD,
@@ -65,9 +76,11 @@ from dagster_taskiq.settings import (
     ENV_REGION,
     ENV_SCALER_FUNCTION,
     ENV_SIGNING_KEY,
+    ENV_SIGNING_KEY_SECRET_ARN,
     ConfigurationError,
     database_url,
     env_or,
+    signing_key,
 )
 from dagster_taskiq.step_handler import (
     DAGSTER_STORAGE_OUTAGES,
@@ -78,13 +91,20 @@ from dagster_taskiq.step_handler import (
 
 if TYPE_CHECKING:
     from dagster._core.execution.context.system import PlanOrchestrationContext
+    from dagster._core.execution.plan.active import ActiveExecution
     from dagster._core.execution.plan.plan import ExecutionPlan
+    from dagster._core.execution.plan.state import KnownExecutionState
+    from dagster._core.execution.plan.step import ExecutionStep
+    from dagster._core.executor.step_delegating.step_handler.base import StepHandlerContext
     from mypy_boto3_sqs.client import SQSClient
 
 log = logging.getLogger("dagster_taskiq")
 
 ACTIVE_POLL_INTERVAL = 0.02  # seconds between event-log reads while events arrive
 ACTIVE_POLL_WINDOW = 1.0  # ... that is, within this long of the last event read
+# Listening for events, a pass of Dagster's loop (interrupts, health checks) at least
+# this often; the event log is read only when a read is due (see ``event_wait``).
+LOOP_TICK_SECONDS = 1.0
 
 TASKIQ_EXECUTOR_CONFIG = {
     "queue_url": Field(
@@ -168,7 +188,8 @@ TASKIQ_EXECUTOR_CONFIG = {
     "message_retention": Field(
         IntSource,
         default_value=DEFAULT_MESSAGE_RETENTION,
-        description="Expected message retention of the queue; checked at run start.",
+        description="Expected message retention of the queue; checked at run start. A step "
+        "that no worker holds fails once its message is this old: SQS has deleted it.",
     ),
     "max_receive_count": Field(
         IntSource,
@@ -186,6 +207,13 @@ TASKIQ_EXECUTOR_CONFIG = {
         is_required=False,
         description=f"HMAC key to sign messages with. Default: ${ENV_SIGNING_KEY}.",
     ),
+    "signing_key_secret_arn": Field(
+        StringSource,
+        is_required=False,
+        description="Secrets Manager secret holding the HMAC key (the stack's "
+        "SigningKeySecretArn output), read once per process instead of `signing_key`. "
+        f"Default: ${ENV_SIGNING_KEY_SECRET_ARN}.",
+    ),
     "max_message_bytes": Field(
         IntSource,
         default_value=DEFAULT_MAX_MESSAGE_BYTES,
@@ -198,6 +226,23 @@ TASKIQ_EXECUTOR_CONFIG = {
         f"within {ACTIVE_POLL_WINDOW:g} s of the last event it is read every "
         f"{ACTIVE_POLL_INTERVAL:g} s. Each dependency level of a run waits up to this long.",
     ),
+    "listen_for_events": Field(
+        bool,
+        default_value=True,
+        description="With dagster-postgres storage, wait for the run's events on its "
+        "notifications (LISTEN) and read the event log when one comes, at least every "
+        f"{SAFETY_READ_SECONDS:g} s, and every {FALLBACK_POLL_SECONDS:g} s while the "
+        "notifications cannot be trusted (a reconnect, a restart). False: read it every "
+        "`poll_interval`.",
+    ),
+    "batch_launches": Field(
+        bool,
+        default_value=True,
+        description="Send the steps Dagster makes ready together in batches: "
+        "SendMessageBatch, one ledger insert and one event-log write for them all. A send "
+        "that fails is recorded in the ledger and the step fails its next health check. "
+        "False: each step is sent on its own as Dagster launches it.",
+    ),
     "health_check_interval": Field(
         IntSource,
         default_value=10,
@@ -206,7 +251,16 @@ TASKIQ_EXECUTOR_CONFIG = {
     "pickup_timeout": Field(
         Noneable(IntSource),
         default_value=None,
-        description="Fail a step that no worker picked up within this many seconds.",
+        description="Fail a step that no worker picked up within this many seconds (or "
+        "took again this long after its worker stopped heartbeating).",
+    ),
+    "dead_letter_timeout": Field(
+        IntSource,
+        default_value=DEFAULT_DEAD_LETTER_TIMEOUT,
+        description="Seconds the DLQ processor is given to mark a step whose message used "
+        "its last delivery (after the lease expired and the next receive moved it to the "
+        "DLQ). Past them the executor fails the step as presumed dead-lettered, saying to "
+        "check the DLQ processor; the processor confirms it and alerts when it comes.",
     ),
     "unreachable_retry_seconds": Field(
         IntSource,
@@ -235,7 +289,8 @@ TASKIQ_EXECUTOR_CONFIG = {
     "scale_out_debounce": Field(
         IntSource,
         default_value=30,
-        description="Seconds between two scale-out checks of one run.",
+        description="Seconds between two scaler invocations of one run; a check that found "
+        "workers wanted does not count.",
     ),
     "retries": get_retries_config(),  # type: ignore[no-untyped-call]
     "max_concurrent": Field(
@@ -255,18 +310,58 @@ class TaskiqExecutor(StepDelegatingExecutor):
     run on the first read that meets a dropped connection (a restart, a failover).
     Here a failed read is retried for ``unreachable_retry_seconds``: the cursor only moves
     on success, so no event is skipped.
+
+    With an ``outlook``, each pass of the loop records the steps the run will launch next,
+    for the scaler (see ``dagster_taskiq.expected``).
+
+    With ``listen_for_events``, the run's events are waited for on dagster-postgres'
+    notifications rather than polled (see ``dagster_taskiq.event_wait``); with a step
+    handler that batches, the launches of each pass are sent together.
     """
 
-    def __init__(self, *args: Any, unreachable_retry_seconds: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        unreachable_retry_seconds: float,
+        outlook: RunOutlook | None = None,
+        listen_for_events: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self._last_events_at = 0.0
         super().__init__(*args, **kwargs)
         self._unreachable_retry_seconds = unreachable_retry_seconds
+        self._outlook = outlook
+        self._active: ActiveExecution | None = None
+        self._listen_for_events = listen_for_events
+        self._waiter: RunEventWaiter | None = None
+        self._known_state: KnownExecutionState | None = None  # of this pass (see below)
 
-    # Dagster's loop sleeps ``_sleep_seconds`` between reads. While events arrive (steps
-    # are finishing: the next ones wait for the read) it reads every ACTIVE_POLL_INTERVAL;
-    # a run whose steps are all busy for a while is read every ``poll_interval``.
+    # -- The one place this executor relies on the shape of Dagster's loop. --------------
+    # StepDelegatingExecutor.execute runs passes of: read the run's events (``_pop_events``,
+    # while steps are in flight), health checks, ``launch_step`` for each ready step, then
+    # ``time.sleep(self._sleep_seconds)``. Reading ``_sleep_seconds`` is thus the one call
+    # between a pass's launches and the next pass's read, and it is where this executor
+    # (1) sends the launches the pass put aside, as a batch, (2) ends the pass's health
+    # snapshot and (3) waits for the run's next event (a notification, or a read falling
+    # due), after which the sleep is 0.
+    # Overriding the loop instead would mean copying it. tests/unit/test_dagster_loop.py
+    # fails if Dagster's loop changes this shape.
     @property
     def _sleep_seconds(self) -> float:
+        self._known_state = None
+        handler = self._step_handler
+        if isinstance(handler, SqsStepHandler):
+            handler.flush_launches()
+            handler.pass_ended()
+        waiter = self._waiter
+        active = self._active
+        if waiter is not None and active is not None and active.has_in_flight_steps:
+            waiter.wait(LOOP_TICK_SECONDS)
+            return 0.0
+        # Polling, or nothing in flight (steps waiting on a retry delay or a concurrency
+        # slot): no event to wait for. While events arrive (steps are finishing: the next
+        # ones wait for the read) read every ACTIVE_POLL_INTERVAL; a run whose steps are
+        # all busy for a while is read every ``poll_interval``.
         if time.monotonic() - self._last_events_at < ACTIVE_POLL_WINDOW:
             return min(self._idle_sleep_seconds, ACTIVE_POLL_INTERVAL)
         return self._idle_sleep_seconds
@@ -282,12 +377,66 @@ class TaskiqExecutor(StepDelegatingExecutor):
         # (kept on the instance: a yes stays true).
         remember_run_stats_columns(plan_context.instance.run_storage)
         # Read every 0.02 s, the event log would otherwise cost a new connection a read.
-        with pooled_event_log(plan_context.instance):
-            yield from super().execute(plan_context, execution_plan)
+        if self._outlook is not None:
+            self._outlook.start(plan_context.run_id, plan_context.dagster_run.tags)
+        connect = listen_connector(plan_context.instance.event_log_storage)
+        if self._listen_for_events and connect is not None:
+            self._waiter = RunEventWaiter(connect, plan_context.run_id)
+        try:
+            with pooled_event_log(plan_context.instance):
+                yield from super().execute(plan_context, execution_plan)
+        finally:
+            self._active = None
+            if self._waiter is not None:
+                self._waiter.close()
+                self._waiter = None
+            if isinstance(self._step_handler, SqsStepHandler):
+                self._step_handler.close_launches()
+            if self._outlook is not None:
+                self._outlook.close()
+
+    def _get_step_handler_context(
+        self,
+        plan_context: PlanOrchestrationContext,
+        steps: Sequence[ExecutionStep],
+        active_execution: ActiveExecution,
+    ) -> StepHandlerContext:
+        # Dagster's loop hands its ActiveExecution to this call only: kept for the outlook.
+        self._active = active_execution
+        # Dagster builds the run's known state afresh for every step it launches or checks,
+        # checking each output the run has produced: with N steps in flight, N² (a health
+        # round of a 10,000-step fan-out took minutes). It changes only where the loop
+        # handles events and skips steps, after its read of events and before its health
+        # checks and launches: one is built per pass, after the read.
+        if self._known_state is None:
+            self._known_state = active_execution.get_known_state()
+        return super()._get_step_handler_context(
+            plan_context, steps, _KnownStateOf(self._known_state)
+        )
 
     def _pop_events(
         self, instance: DagsterInstance, run_id: str, seen_storage_ids: set[int]
     ) -> Sequence[DagsterEvent]:
+        # What the loop does next (handle events, skip steps) may change the known state.
+        self._known_state = None
+        if self._outlook is not None and self._active is not None:
+            self._outlook.observe(self._active)
+        waiter = self._waiter
+        if waiter is not None:
+            if not waiter.read_due():
+                return []  # no notification for the run, and no read due otherwise
+            # An event notified at or below the last id read that no read returned
+            # committed after a later one was read: read again from just before it.
+            read_up_to = (
+                EventLogCursor.parse(self._event_cursor).storage_id() if self._event_cursor else 0
+            )
+            late = [
+                storage_id
+                for storage_id in waiter.take_notified()
+                if storage_id <= read_up_to and storage_id not in seen_storage_ids
+            ]
+            if late:
+                self._event_cursor = EventLogCursor.from_storage_id(min(late) - 1).to_string()
         events = retry_while_unreachable(
             lambda: super(TaskiqExecutor, self)._pop_events(instance, run_id, seen_storage_ids),
             time.monotonic() + self._unreachable_retry_seconds,
@@ -296,7 +445,20 @@ class TaskiqExecutor(StepDelegatingExecutor):
         )
         if events:
             self._last_events_at = time.monotonic()
+            if waiter is not None:
+                waiter.found_events()
         return events
+
+
+class _KnownStateOf:
+    """What Dagster's ``_get_step_handler_context`` asks of its ActiveExecution: the known
+    state, here one already built."""
+
+    def __init__(self, known_state: KnownExecutionState) -> None:
+        self._known_state = known_state
+
+    def get_known_state(self) -> KnownExecutionState:
+        return self._known_state
 
 
 class TaskiqExecutorConfigError(DagsterError):
@@ -316,7 +478,11 @@ class ExecutorSettings:
     scale_out_debounce: int = 30
 
     @classmethod
-    def resolve(cls, config: dict[str, Any], instance: DagsterInstance) -> ExecutorSettings:
+    def resolve(
+        cls, config: dict[str, Any], instance: DagsterInstance, *, read_signing_key: bool = True
+    ) -> ExecutorSettings:
+        """``read_signing_key=False`` leaves the key out (``doctor`` checks it on its own, so
+        that an unreadable key does not hide the other settings)."""
         url = database_url(config.get("database_url"), os.environ)
         url = url or _instance_postgres_url(instance)
         if not url:
@@ -335,9 +501,17 @@ class ExecutorSettings:
                 lease_seconds=config["visibility_timeout"],
                 idempotency_key_ttl=config["idempotency_key_ttl"],
                 max_message_bytes=config["max_message_bytes"],
-                signing_key=env_or(config.get("signing_key"), ENV_SIGNING_KEY),
+                signing_key=signing_key(
+                    env_or(config.get("signing_key"), ENV_SIGNING_KEY),
+                    env_or(config.get("signing_key_secret_arn"), ENV_SIGNING_KEY_SECRET_ARN),
+                )
+                if read_signing_key
+                else None,
                 pickup_timeout=config.get("pickup_timeout"),
                 retry_seconds=config["unreachable_retry_seconds"],
+                max_receive_count=config["max_receive_count"],
+                message_retention=config["message_retention"],
+                dead_letter_timeout=config["dead_letter_timeout"],
             ),
             message_retention=config["message_retention"],
             max_receive_count=config["max_receive_count"],
@@ -429,7 +603,7 @@ def connect(settings: ExecutorSettings) -> tuple[dict[str, SqsQueue], Ledger]:
     deadline = time.monotonic() + settings.launch.retry_seconds
     ledger = _shared_ledger(settings.database_url)
     try:
-        retry_while_unreachable(ledger.ensure_schema, deadline)
+        retry_while_unreachable(lambda: ensure_schema(ledger, component="run worker"), deadline)
     except LedgerUnavailable as e:
         raise ConfigurationError(
             f"taskiq_executor cannot reach its ledger. {e}. Check `database_url` "
@@ -486,33 +660,58 @@ def _trigger(settings: ExecutorSettings, function: str, ecs_service: str | None)
     )
 
 
-def _warn_on_queue_mismatch(
+@dataclass(frozen=True)
+class QueueMismatch:
+    """A way a queue differs from what the executor config expects of it."""
+
+    detail: str
+    fix: str
+
+
+def queue_mismatches(
     settings: ExecutorSettings, url: str, attributes: dict[str, str]
-) -> None:
+) -> list[QueueMismatch]:
+    """What the run start warns about, and ``dagster-taskiq doctor`` fails on."""
+    found = []
     if "RedrivePolicy" not in attributes:
-        log.warning(
-            "Queue %s has no dead-letter queue: a step that keeps killing its worker will be "
-            "redelivered until the message expires.",
-            url,
+        found.append(
+            QueueMismatch(
+                f"Queue {url} has no dead-letter queue: a step that keeps killing its worker "
+                "will be redelivered until the message expires.",
+                "Give the queue a redrive policy to a DLQ with maxReceiveCount = the executor's "
+                "max_receive_count (the CDK stack does).",
+            )
         )
     else:
         deployed = SqsQueue.parse_max_receive_count(attributes["RedrivePolicy"])
         if deployed != settings.max_receive_count:
-            log.warning(
-                "Queue %s moves messages to its DLQ after %s deliveries; the executor "
-                "config says max_receive_count=%s.",
-                url,
-                deployed,
-                settings.max_receive_count,
+            found.append(
+                QueueMismatch(
+                    f"Queue {url} moves messages to its DLQ after {deployed} deliveries; the "
+                    f"executor config says max_receive_count={settings.max_receive_count}.",
+                    f"Set max_receive_count: {deployed} in the executor config: the health "
+                    "check presumes a step dead-lettered once it has used that many "
+                    "deliveries.",
+                )
             )
     retention = int(attributes.get("MessageRetentionPeriod", settings.message_retention))
     if retention != settings.message_retention:
-        log.warning(
-            "Queue %s keeps messages %s s; the executor config says message_retention=%s.",
-            url,
-            retention,
-            settings.message_retention,
+        found.append(
+            QueueMismatch(
+                f"Queue {url} keeps messages {retention} s; the executor config says "
+                f"message_retention={settings.message_retention}.",
+                f"Set message_retention: {retention} in the executor config (the stack's "
+                "MessageRetentionSeconds output).",
+            )
         )
+    return found
+
+
+def _warn_on_queue_mismatch(
+    settings: ExecutorSettings, url: str, attributes: dict[str, str]
+) -> None:
+    for mismatch in queue_mismatches(settings, url, attributes):
+        log.warning("%s %s", mismatch.detail, mismatch.fix)
 
 
 @executor(
@@ -545,6 +744,7 @@ def taskiq_executor(init_context: InitExecutorContext) -> Executor:
             ledger=ledger,
             settings=settings.launch,
             triggers=scale_out_triggers(settings),
+            batching=config["batch_launches"],
         ),
         retries=RetryMode.from_config(config["retries"]),
         sleep_seconds=float(config["poll_interval"]),
@@ -558,4 +758,8 @@ def taskiq_executor(init_context: InitExecutorContext) -> Executor:
             config.get("step_dependency_config")
         ),
         unreachable_retry_seconds=settings.launch.retry_seconds,
+        listen_for_events=config["listen_for_events"],
+        outlook=RunOutlook(
+            OutlookStore(ledger), settings.routing, max_concurrent=config.get("max_concurrent")
+        ),
     )

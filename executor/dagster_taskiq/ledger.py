@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import ssl
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,10 +28,13 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from dagster_taskiq.messages import safe_text
+from dagster_taskiq.schema import SchemaState, read_state, require_usable
 from dagster_taskiq.settings import ConfigurationError, ledger_url, redact_url
 
 
@@ -95,7 +98,21 @@ rejected_messages = sa.Table(
 )
 
 NOW = sa.func.now()
+# The error of a row the executor marked DEAD_LETTERED before the DLQ processor did: its
+# message used its last delivery, so it can only be in the DLQ. No column says so (no
+# schema change): this prefix does, and the DLQ processor replaces it when it confirms.
+PRESUMED_DEAD_LETTER = "presumed dead-lettered by the executor: "
+# What a rejection record keeps of a message's text: enough to recognise it.
+REJECTION_TEXT_CHARS = 2000
+REJECTION_KEY_CHARS = 1000
+# What a step row keeps of an error: an op's exception text may hold NUL (refused by
+# PostgreSQL text) or be very long; the full story is in Dagster's event log.
+ERROR_TEXT_CHARS = 8000
 _SCHEMA_LOCK_ID = int.from_bytes(hashlib.sha256(b"dagster_taskiq.ledger").digest()[:4], "big")
+
+
+def _error_text(text: str | None) -> str | None:
+    return None if text is None else safe_text(text, ERROR_TEXT_CHARS)
 
 
 def _seconds(value: int | float) -> sa.ColumnElement[Any]:
@@ -122,6 +139,20 @@ def _is_outage(error: DBAPIError) -> bool:
     return state in _OUTAGE_STATES or state.startswith("08")
 
 
+def _server_refused(error: BaseException) -> bool:
+    """The server refused the statement and said why (a SQLSTATE): it answered in full, so
+    the connection is in step with it. An outage is not that, nor is any failure on this
+    side of the wire (a value the driver could not encode, an interrupt)."""
+    return isinstance(error, DBAPIError) and _sqlstate(error) is not None and not _is_outage(error)
+
+
+def _discard_unless_refused(conn: Connection, error: BaseException) -> None:
+    # pg8000 can fail after part of a statement is on the wire, leaving unread replies
+    # behind: every later statement on that connection would read the wrong ones.
+    if not _server_refused(error) and not conn.invalidated:
+        conn.invalidate()
+
+
 class LedgerUnavailable(Exception):
     """The database could not be reached or refused the statement; safe to retry."""
 
@@ -146,13 +177,40 @@ class StepRecord:
     started_at: datetime | None
     finished_at: datetime | None
     age_seconds: float
+    # Seconds since the lease expired, by the database clock: negative while it is live,
+    # None when the row never had one.
+    lease_expired_seconds: float | None = None
+    idle_seconds: float = 0.0  # seconds since the row last changed
 
     @classmethod
     def from_row(cls, row: RowMapping) -> StepRecord:
         values = {name: row[name] for name in cls.__dataclass_fields__}
         values["status"] = Status(row["status"])
         values["age_seconds"] = float(row["age_seconds"])
+        values["idle_seconds"] = float(row["idle_seconds"])
+        expired = row["lease_expired_seconds"]
+        values["lease_expired_seconds"] = None if expired is None else float(expired)
         return cls(**values)
+
+    @property
+    def presumed_dead_letter(self) -> bool:
+        """DEAD_LETTERED by the executor, which gave up waiting for the DLQ processor;
+        the DLQ processor confirms it (and alerts) once it comes."""
+        return self.status is Status.DEAD_LETTERED and (self.error or "").startswith(
+            PRESUMED_DEAD_LETTER
+        )
+
+
+@dataclass(frozen=True)
+class NewStep:
+    """A step attempt to record as ENQUEUED (``Ledger.enqueue_many``)."""
+
+    key: str
+    run_id: str
+    step_key: str
+    attempt: int
+    payload_hash: str
+    queue_url: str | None = None
 
 
 class ClaimOutcome(enum.Enum):
@@ -220,10 +278,23 @@ class Ledger:
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """A transaction on the ledger's database; outages raise LedgerUnavailable."""
+        """A transaction on the ledger's database; outages raise LedgerUnavailable.
+
+        A connection whose statement failed other than by the server's clean refusal is
+        invalidated, before any rollback is tried on it: the pool never hands it out again.
+        """
         try:
-            with self.engine.begin() as conn:
-                yield conn
+            with self.engine.connect() as conn:
+                try:
+                    with conn.begin():
+                        try:
+                            yield conn
+                        except BaseException as e:
+                            _discard_unless_refused(conn, e)
+                            raise
+                except BaseException as e:  # the commit failed
+                    _discard_unless_refused(conn, e)
+                    raise
         except DBAPIError as e:
             if _is_outage(e):
                 raise LedgerUnavailable(
@@ -246,9 +317,23 @@ class Ledger:
 
     # -- schema --------------------------------------------------------------------------
 
-    def ensure_schema(self) -> None:
-        """Create the ledger's tables if missing. Safe to run repeatedly and concurrently."""
-        self.ensure_tables(metadata)
+    def schema_state(self) -> SchemaState:
+        """The schema's revision and how it compares with this release's (see ``schema``)."""
+        with self.transaction() as conn:
+            return read_state(conn)
+
+    def check_schema(self, *, component: str) -> SchemaState:
+        """Raise SchemaMismatch, saying what to do, unless ``component`` can use the ledger
+        as it is. Never changes the schema: ``migrations.ensure_schema`` does, for the
+        components that carry the migrations (the Lambdas do not)."""
+        state = self.schema_state()
+        require_usable(state, component=component)
+        return state
+
+    @property
+    def schema_lock(self) -> sa.ColumnElement[Any]:
+        """The advisory lock every schema change takes, in its transaction."""
+        return sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)
 
     def ensure_tables(self, tables: sa.MetaData) -> None:
         """Create ``tables`` in this database if missing. One advisory lock serialises every
@@ -268,7 +353,9 @@ class Ledger:
             steps.c.status == Status.RUNNING, steps.c.lease_expires_at > NOW
         ).label("lease_live")
         age = sa.func.extract("epoch", NOW - steps.c.enqueued_at).label("age_seconds")
-        return sa.select(*steps.c, lease_live, age)
+        expired = sa.func.extract("epoch", NOW - steps.c.lease_expires_at)
+        idle = sa.func.extract("epoch", NOW - steps.c.updated_at).label("idle_seconds")
+        return sa.select(*steps.c, lease_live, age, expired.label("lease_expired_seconds"), idle)
 
     def get(self, key: str) -> StepRecord | None:
         with self.transaction() as conn:
@@ -339,12 +426,75 @@ class Ledger:
         with self.transaction() as conn:
             return conn.execute(stmt).rowcount == 1
 
+    def enqueue_many(self, entries: Sequence[NewStep], *, ttl_seconds: int) -> set[str]:
+        """``enqueue`` for many steps in one statement. Returns the keys inserted; a key
+        that already existed is left as it was."""
+        if not entries:
+            return set()
+        # The rows travel as one array a column (unnest): a multi-row VALUES of hundreds of
+        # rows costs more to build and send than the insert costs the server.
+        text_array, int_array = ARRAY(sa.Text), ARRAY(sa.Integer)
+        rows = (
+            sa.func.unnest(
+                sa.cast(sa.bindparam("keys"), text_array),
+                sa.cast(sa.bindparam("run_ids"), text_array),
+                sa.cast(sa.bindparam("step_keys"), text_array),
+                sa.cast(sa.bindparam("attempts"), int_array),
+                sa.cast(sa.bindparam("queue_urls"), text_array),
+                sa.cast(sa.bindparam("hashes"), text_array),
+            )
+            .table_valued("key", "run_id", "step_key", "attempt", "queue_url", "hash")
+            .render_derived()
+        )
+        values = sa.select(
+            rows.c.key,
+            rows.c.run_id,
+            rows.c.step_key,
+            rows.c.attempt,
+            rows.c.queue_url,
+            sa.literal(Status.ENQUEUED.value),
+            rows.c.hash,
+            NOW,
+            NOW,
+            NOW + _seconds(ttl_seconds),
+        )
+        stmt = (
+            pg_insert(steps)
+            .from_select(
+                [
+                    steps.c.idempotency_key,
+                    steps.c.run_id,
+                    steps.c.step_key,
+                    steps.c.attempt,
+                    steps.c.queue_url,
+                    steps.c.status,
+                    steps.c.payload_hash,
+                    steps.c.enqueued_at,
+                    steps.c.updated_at,
+                    steps.c.expires_at,
+                ],
+                values,
+            )
+            .on_conflict_do_nothing(index_elements=[steps.c.idempotency_key])
+            .returning(steps.c.idempotency_key)
+        )
+        params = {
+            "keys": [e.key for e in entries],
+            "run_ids": [e.run_id for e in entries],
+            "step_keys": [e.step_key for e in entries],
+            "attempts": [e.attempt for e in entries],
+            "queue_urls": [e.queue_url for e in entries],
+            "hashes": [e.payload_hash for e in entries],
+        }
+        with self.transaction() as conn:
+            return set(conn.execute(stmt, params).scalars())
+
     def claim(
         self,
         key: str,
         *,
         worker_id: str,
-        lease_seconds: int,
+        lease_seconds: float,
         payload_hash: str,
         deliveries: int = 1,
     ) -> Claim:
@@ -450,7 +600,7 @@ class Ledger:
             steps.c.status.in_(statuses),
         )
 
-    def heartbeat(self, key: str, token: int, lease_seconds: int) -> bool:
+    def heartbeat(self, key: str, token: int, lease_seconds: float) -> bool:
         """Renew the lease. False means the lease is lost or cancel was requested."""
         stmt = (
             sa.update(steps)
@@ -479,7 +629,7 @@ class Ledger:
             .where(self._fenced(key, token, Status.RUNNING))
             .values(
                 status=Status.SUCCEEDED if succeeded else Status.FAILED,
-                error=error,
+                error=_error_text(error),
                 duplicates_suppressed=steps.c.duplicates_suppressed + int(duplicate),
                 lease_expires_at=None,
                 finished_at=NOW,
@@ -497,7 +647,7 @@ class Ledger:
         stmt = (
             sa.update(steps)
             .where(self._fenced(key, token, Status.RUNNING, Status.CANCEL_REQUESTED))
-            .values(lease_expires_at=NOW, error=reason, updated_at=NOW)
+            .values(lease_expires_at=NOW, error=_error_text(reason), updated_at=NOW)
         )
         with self.transaction() as conn:
             return conn.execute(stmt).rowcount == 1
@@ -531,12 +681,73 @@ class Ledger:
             was = conn.execute(stmt).scalar()
         return Status(was) if was else None
 
-    def abandon(self, key: str, reason: str) -> bool:
-        """ENQUEUED -> FAILED, so that a late delivery will not start it (pick-up timeout)."""
+    def abandon(self, key: str, reason: str, *, token: int | None = None) -> bool:
+        """ENQUEUED -> FAILED, so that a late delivery will not start it (pick-up timeout).
+
+        With ``token``: RUNNING under that token with an expired lease -> FAILED instead (a
+        step given back to the queue that no worker took again in time).
+        """
+        if token is None:
+            waiting = steps.c.status == Status.ENQUEUED
+        else:
+            waiting = self._unheld(key, token, Status.RUNNING)
         stmt = (
             sa.update(steps)
-            .where(steps.c.idempotency_key == key, steps.c.status == Status.ENQUEUED)
-            .values(status=Status.FAILED, error=reason, finished_at=NOW, updated_at=NOW)
+            .where(steps.c.idempotency_key == key, waiting)
+            .values(
+                status=Status.FAILED,
+                error=_error_text(reason),
+                lease_expires_at=None,
+                finished_at=NOW,
+                updated_at=NOW,
+            )
+        )
+        with self.transaction() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def _unheld(self, key: str, token: int, *statuses: Status) -> sa.ColumnElement[bool]:
+        """The row is still as judged (a status, ``token``) and no lease is live on it."""
+        return sa.and_(
+            self._fenced(key, token, *statuses),
+            sa.or_(steps.c.lease_expires_at.is_(None), steps.c.lease_expires_at <= NOW),
+        )
+
+    def presume_dead_lettered(self, key: str, token: int, reason: str) -> bool:
+        """RUNNING under ``token`` with an expired lease (or ENQUEUED) -> DEAD_LETTERED,
+        presumed.
+
+        For a step whose message used its last delivery, when the DLQ processor has not
+        marked it in time: the message can only be in the DLQ (or on its way there), and a
+        delivery that comes all the same finds the step terminal and never starts it. The
+        DLQ processor confirms the row (``dead_letter``) when it comes.
+        """
+        stmt = (
+            sa.update(steps)
+            .where(self._unheld(key, token, Status.RUNNING, Status.ENQUEUED))
+            .values(
+                status=Status.DEAD_LETTERED,
+                error=PRESUMED_DEAD_LETTER + reason,
+                lease_expires_at=None,
+                finished_at=NOW,
+                updated_at=NOW,
+            )
+        )
+        with self.transaction() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def close_cancel(self, key: str, token: int, reason: str) -> bool:
+        """CANCEL_REQUESTED under ``token`` that no lease holds -> CANCELLED: what a worker
+        does when it receives the message, for a step whose message no worker receives."""
+        stmt = (
+            sa.update(steps)
+            .where(self._unheld(key, token, Status.CANCEL_REQUESTED))
+            .values(
+                status=Status.CANCELLED,
+                error=_error_text(reason),
+                lease_expires_at=None,
+                finished_at=NOW,
+                updated_at=NOW,
+            )
         )
         with self.transaction() as conn:
             return conn.execute(stmt).rowcount == 1
@@ -545,17 +756,26 @@ class Ledger:
         """Mark a step whose message reached the DLQ. True only on the transition.
 
         A message can reach the DLQ after its step completed (a lost delete): a terminal
-        row is left alone, so no false alarm.
+        row is left alone, so no false alarm. A row the executor presumed dead-lettered is
+        confirmed, once: its error loses the presumption, so a repeat matches nothing.
         """
+        presumed = sa.and_(
+            steps.c.status == Status.DEAD_LETTERED,
+            steps.c.error.startswith(PRESUMED_DEAD_LETTER, autoescape=True),
+        )
         stmt = (
             sa.update(steps)
-            .where(steps.c.idempotency_key == key, steps.c.status.in_(list(NON_TERMINAL)))
+            .where(
+                steps.c.idempotency_key == key,
+                sa.or_(steps.c.status.in_(list(NON_TERMINAL)), presumed),
+            )
             .values(
                 status=Status.DEAD_LETTERED,
                 deliveries=sa.func.greatest(steps.c.deliveries, deliveries),
-                error=reason,
+                error=_error_text(reason),
                 lease_expires_at=None,
-                finished_at=NOW,
+                # A presumed row keeps the time the executor gave up on it.
+                finished_at=sa.func.coalesce(steps.c.finished_at, NOW),
                 updated_at=NOW,
             )
         )
@@ -580,13 +800,20 @@ class Ledger:
         worker_id: str | None,
         idempotency_key: str | None = None,
     ) -> None:
+        # Every value may come from a hostile message: made storable here, so that no
+        # caller can forget to (a lone surrogate would break the connection, see
+        # ``transaction``; NUL is refused by PostgreSQL).
         insert = pg_insert(rejected_messages).values(
-            message_id=message_id,
-            idempotency_key=idempotency_key,
-            reason=reason,
-            detail=detail[:2000],
-            body_excerpt=body[:2000],
-            worker_id=worker_id,
+            message_id=safe_text(message_id, REJECTION_KEY_CHARS),
+            idempotency_key=(
+                safe_text(idempotency_key, REJECTION_KEY_CHARS)
+                if idempotency_key is not None
+                else None
+            ),
+            reason=safe_text(reason, REJECTION_KEY_CHARS),
+            detail=safe_text(detail, REJECTION_TEXT_CHARS),
+            body_excerpt=safe_text(body, REJECTION_TEXT_CHARS),
+            worker_id=safe_text(worker_id, REJECTION_KEY_CHARS) if worker_id is not None else None,
             first_seen_at=NOW,
             last_seen_at=NOW,
         )
@@ -605,3 +832,24 @@ class Ledger:
         stmt = sa.select(rejected_messages).order_by(rejected_messages.c.first_seen_at)
         with self.transaction() as conn:
             return [dict(r) for r in conn.execute(stmt).mappings()]
+
+    def rejections_of(self, keys: Sequence[str]) -> dict[str, Mapping[str, Any]]:
+        """For each idempotency key, the rejection of its most rejected message, if any.
+
+        A ``mismatch`` is left out: that message is not the one launched under the key.
+        """
+        # Keys are stored as ``record_rejection`` made them storable.
+        stored = {safe_text(key, REJECTION_KEY_CHARS): key for key in keys}
+        if not stored:
+            return {}
+        stmt = (
+            sa.select(rejected_messages)
+            .where(
+                rejected_messages.c.idempotency_key.in_(list(stored)),
+                rejected_messages.c.reason.not_in(["mismatch", "dead_letter_mismatch"]),
+            )
+            .order_by(rejected_messages.c.receive_count)
+        )
+        with self.transaction() as conn:
+            # Ordered by count: the most rejected message of each key is written last.
+            return {stored[r["idempotency_key"]]: dict(r) for r in conn.execute(stmt).mappings()}

@@ -15,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +26,9 @@ ENCODING_JSON = "json"
 ENCODING_ZLIB = "zlib+base64"
 # Step arguments above this size are compressed; most are far below it.
 COMPRESS_ABOVE_BYTES = 8_192
+# The most a message's step arguments may inflate to. A small compressed body can inflate
+# to gigabytes; workers stop inflating at this bound. Real step arguments are kilobytes.
+DEFAULT_MAX_STEP_ARGS_BYTES = 8 * 1024 * 1024
 
 RejectReason = Literal["malformed", "unknown_version", "forged", "oversized"]
 
@@ -40,6 +44,21 @@ class MessageRejected(Exception):
 
 class MessageTooLarge(Exception):
     """Raised at launch: the encoded message would not fit in an SQS message."""
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def safe_text(value: str, limit: int) -> str:
+    """``value`` made fit for a database, a log line or an alert: lone surrogates (which
+    JSON escapes can carry and no UTF-8 encoder takes) and NUL (which PostgreSQL text
+    refuses) become U+FFFD, and text longer than ``limit`` characters is cut, saying so.
+    The result is never longer than ``limit``, and safe_text of it is itself."""
+    text = _UNSTORABLE.sub("\ufffd", value)
+    if len(text) <= limit:
+        return text
+    note = f"... [{len(text)} characters, cut]"
+    return text[: max(0, limit - len(note))] + note[: max(0, limit)]
 
 
 def idempotency_key(run_id: str, step_key: str, attempt: int) -> str:
@@ -92,7 +111,13 @@ def _sign(fields: dict[str, Any], key: str) -> str:
     return hmac.new(key.encode(), _canonical(fields), hashlib.sha256).hexdigest()
 
 
-def encode(message: StepMessage, *, signing_key: str | None, max_bytes: int) -> str:
+def encode(
+    message: StepMessage,
+    *,
+    signing_key: str | None,
+    max_bytes: int,
+    max_step_args_bytes: int = DEFAULT_MAX_STEP_ARGS_BYTES,
+) -> str:
     """The message body to send. Raises MessageTooLarge rather than truncating."""
     # Refuse here what decode() refuses, so that what is sent can be received.
     for name, stored in (("run_id", True), ("step_key", True), ("step_args", False)):
@@ -100,6 +125,12 @@ def encode(message: StepMessage, *, signing_key: str | None, max_bytes: int) -> 
         if problem:
             raise ValueError(f"{name} {problem}")
     raw = message.step_args.encode()
+    if len(raw) > max_step_args_bytes:
+        raise MessageTooLarge(
+            f"The step arguments of step {message.step_key!r} of run {message.run_id} are "
+            f"{len(raw)} bytes, more than the {max_step_args_bytes} bytes a worker accepts. "
+            "Reduce what the step carries in its run config or known state."
+        )
     if len(raw) > COMPRESS_ABOVE_BYTES:
         args_field = {
             "encoding": ENCODING_ZLIB,
@@ -161,8 +192,18 @@ def _require_text(value: str, name: str, *, stored: bool) -> None:
         raise MessageRejected("malformed", f"field {name!r} {problem}")
 
 
-def decode(body: str, *, signing_key: str | None, max_bytes: int) -> StepMessage:
-    """Parse, validate and authenticate a message body. Raises MessageRejected only."""
+def decode(
+    body: str,
+    *,
+    signing_key: str | None,
+    max_bytes: int,
+    max_step_args_bytes: int = DEFAULT_MAX_STEP_ARGS_BYTES,
+) -> StepMessage:
+    """Parse, validate and authenticate a message body. Raises MessageRejected only.
+
+    Compressed step arguments are inflated at most to ``max_step_args_bytes``: a body
+    that would inflate further is rejected as oversized without inflating it further.
+    """
     size = len(body.encode("utf-8", errors="replace"))
     if size > max_bytes:
         raise MessageRejected("oversized", f"{size} bytes is more than the limit of {max_bytes}")
@@ -191,7 +232,7 @@ def decode(body: str, *, signing_key: str | None, max_bytes: int) -> StepMessage
     expected_hash = _require(fields, "payload_sha256", str)
     key = _require(fields, "idempotency_key", str)
     args_field = _require(fields, "step_args", dict)
-    step_args = _decode_step_args(args_field)
+    step_args = _decode_step_args(args_field, max_step_args_bytes)
     if attempt < 0 or lease_seconds <= 0:
         raise MessageRejected("malformed", "attempt must be >= 0 and lease_seconds > 0")
     message = StepMessage(
@@ -210,20 +251,42 @@ def decode(body: str, *, signing_key: str | None, max_bytes: int) -> StepMessage
     return message
 
 
-def _decode_step_args(args_field: dict[str, Any]) -> str:
+def _decode_step_args(args_field: dict[str, Any], limit: int) -> str:
     encoding = args_field.get("encoding")
     data = args_field.get("data")
     if not isinstance(data, str):
         raise MessageRejected("malformed", "step_args.data is missing or not a string")
     if encoding == ENCODING_JSON:
         _require_text(data, "step_args.data", stored=False)
+        if len(data) > limit:
+            raise MessageRejected("oversized", f"step arguments exceed {limit} bytes")
         return data
     if encoding == ENCODING_ZLIB:
         try:
-            return zlib.decompress(base64.b64decode(data, validate=True)).decode()
+            return _inflate(base64.b64decode(data, validate=True), limit).decode()
         except (ValueError, zlib.error) as e:
             raise MessageRejected("malformed", f"step_args could not be decompressed: {e}") from e
     raise MessageRejected("malformed", f"unknown step_args encoding {encoding!r}")
+
+
+_INFLATE_PIECE_BYTES = 64 * 1024
+
+
+def _inflate(compressed: bytes, limit: int) -> bytes:
+    """The inflated data, if it is at most ``limit`` bytes. It is measured first, a piece
+    at a time, keeping nothing: data that would inflate beyond the bound (a bomb) costs a
+    piece of memory, and data within it is then inflated once more, into its exact size."""
+    inflater = zlib.decompressobj()
+    size, pending = 0, compressed
+    while not inflater.eof:
+        piece = inflater.decompress(pending, _INFLATE_PIECE_BYTES)
+        pending = inflater.unconsumed_tail
+        if not piece and not pending:
+            raise MessageRejected("malformed", "step_args could not be decompressed: truncated")
+        size += len(piece)
+        if size > limit:
+            raise MessageRejected("oversized", f"step arguments inflate to more than {limit} bytes")
+    return zlib.decompress(compressed, bufsize=max(size, 1))
 
 
 def peek_key(body: str) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
 # SQS caps a single visibility extension at 12 hours.
 MAX_VISIBILITY_SECONDS = 43_200
 LONG_POLL_SECONDS = 20
+# SendMessageBatch takes at most 10 messages, and at most this many bytes of bodies in all
+# (the classic limit: some regions and emulators have not raised it to 1 MiB).
+MAX_BATCH_MESSAGES = 10
+MAX_BATCH_BYTES = 262_144
 
 
 class QueueUnavailable(Exception):
@@ -37,6 +42,27 @@ class ReceivedMessage:
     receive_count: int
     sent_timestamp_ms: int
     queue_url: str  # the queue it was received from
+    # time.monotonic() at which the receive's visibility timeout lets the message be seen
+    # again, read when the answer arrived (the timeout started a little earlier: the
+    # worker's lease keeps a margin below it). 0: unknown, treat as visible now.
+    hidden_until: float = 0.0
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    body: str
+    group_id: str | None = None  # FIFO queues only
+    dedup_id: str | None = None  # FIFO queues only
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """One entry of a SendMessageBatch: its message id, or why SQS refused it."""
+
+    message_id: str | None
+    error: str | None = None
+    # SQS's SenderFault false: the service failed on its side, and sending again may work.
+    retryable: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +130,34 @@ class SqsQueue:
         response = self._call("SendMessage", self.client.send_message, **kwargs)
         return str(response["MessageId"])
 
+    def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendOutcome]:
+        """One SendMessageBatch: an outcome per message, in order. SQS accepts or refuses
+        each entry on its own; a failure of the whole call raises QueueUnavailable."""
+        if not 0 < len(messages) <= MAX_BATCH_MESSAGES:
+            raise ValueError(f"a batch holds 1 to {MAX_BATCH_MESSAGES} messages")
+        entries: list[dict[str, Any]] = []
+        for index, message in enumerate(messages):
+            entry: dict[str, Any] = {"Id": str(index), "MessageBody": message.body}
+            if self.is_fifo:
+                entry["MessageGroupId"] = message.group_id or "default"
+                if message.dedup_id:
+                    entry["MessageDeduplicationId"] = message.dedup_id
+            entries.append(entry)
+        response = self._call("SendMessageBatch", self.client.send_message_batch, Entries=entries)
+        # An entry the answer does not mention is sent again: a duplicate is suppressed.
+        missing = SendOutcome(None, "SQS's answer did not mention the message", retryable=True)
+        outcomes = [missing] * len(messages)
+        for sent in response.get("Successful", []):
+            outcomes[int(sent["Id"])] = SendOutcome(str(sent["MessageId"]))
+        for failed in response.get("Failed", []):
+            code, text = failed.get("Code", ""), failed.get("Message", "")
+            outcomes[int(failed["Id"])] = SendOutcome(
+                None,
+                f"SQS SendMessageBatch on {self.url} refused the message ({code}): {text}",
+                retryable=not failed.get("SenderFault", False),
+            )
+        return outcomes
+
     def receive(
         self, *, max_messages: int, wait_seconds: int, visibility_timeout: int
     ) -> list[ReceivedMessage]:
@@ -115,6 +169,7 @@ class SqsQueue:
             VisibilityTimeout=min(visibility_timeout, MAX_VISIBILITY_SECONDS),
             MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
         )
+        hidden_until = time.monotonic() + min(visibility_timeout, MAX_VISIBILITY_SECONDS)
         return [
             ReceivedMessage(
                 message_id=m["MessageId"],
@@ -123,6 +178,7 @@ class SqsQueue:
                 receive_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
                 sent_timestamp_ms=int(m.get("Attributes", {}).get("SentTimestamp", 0)),
                 queue_url=self.url,
+                hidden_until=hidden_until,
             )
             for m in response.get("Messages", [])
         ]

@@ -4,15 +4,19 @@ Dagster-free; the scaler Lambda and the local stack run the same ``Scaler``, onl
 ``WorkerService`` differs (an ECS service in AWS, a pool of local processes on a laptop).
 The recent recommendations live in PostgreSQL next to the ledger, so the scale-in
 stabilization window survives Lambda cold starts, and their timestamps come from the
-database clock like everything else.
+database clock like everything else. An evaluation holds a lock in that database: a
+scheduled and a triggered invocation may run at once (the trigger is never throttled by
+the schedule), but their evaluations of one service never overlap.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
-import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import sqlalchemy as sa
@@ -20,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from dagster_taskiq.ledger import Ledger, LedgerUnavailable
 from dagster_taskiq.observability import MetricUnit, emit_metric
+from dagster_taskiq.outlook import OutlookStore
 from dagster_taskiq.queue import QueueUnavailable, SqsQueue, sqs_queues
 from dagster_taskiq.scaling import (
     Decision,
@@ -27,12 +32,18 @@ from dagster_taskiq.scaling import (
     Recommendation,
     ScalingConfig,
     decide,
+    expected_soon,
 )
+from dagster_taskiq.schema import SchemaStatus, require_usable
 from dagster_taskiq.settings import (
+    ENV_DATABASE_PASSWORD,
+    ENV_DATABASE_SECRET_ARN,
     ENV_DATABASE_URL,
+    ENV_DATABASE_USER,
     ENV_ECS_CLUSTER,
     ENV_ECS_SERVICE,
     ENV_QUEUE_URL,
+    ENV_REGION,
     ConfigurationError,
     database_url,
 )
@@ -59,6 +70,15 @@ scaling_history = sa.Table(
 
 # Decisions older than this are deleted as new ones are written.
 KEEP_HISTORY_SECONDS = 86_400
+# The first key of the evaluation lock (pg_advisory_xact_lock(int, int)); the second is the
+# service's name hashed by PostgreSQL.
+EVALUATION_LOCK_CLASS = int.from_bytes(
+    hashlib.sha256(b"dagster_taskiq.scaler").digest()[:4], "big", signed=True
+)
+# An evaluation takes well under a second; one that waited this long for another is dropped.
+EVALUATION_LOCK_TIMEOUT_MS = 10_000
+# How long the typical step duration read from the ledger is used before it is read again.
+STEP_SECONDS_REFRESH = 300.0
 
 
 class WorkerServiceUnavailable(Exception):
@@ -115,8 +135,21 @@ class HistoryStore:
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
 
-    def ensure_schema(self) -> None:
-        self._ledger.ensure_tables(history_metadata)
+    @contextlib.contextmanager
+    def exclusive(self, service: str) -> Iterator[None]:
+        """Hold ``service``'s evaluation lock until the block ends. Raises LedgerUnavailable
+        when the database cannot be reached, and a DBAPIError when another evaluation held
+        the lock for longer than EVALUATION_LOCK_TIMEOUT_MS."""
+        with self._ledger.transaction() as conn:
+            conn.execute(sa.text(f"SET LOCAL lock_timeout = {EVALUATION_LOCK_TIMEOUT_MS}"))
+            conn.execute(
+                sa.select(
+                    sa.func.pg_advisory_xact_lock(
+                        sa.literal(EVALUATION_LOCK_CLASS, sa.Integer), sa.func.hashtext(service)
+                    )
+                )
+            )
+            yield
 
     def load(self, service: str, window_seconds: float) -> tuple[float, list[Recommendation]]:
         """The database's now (epoch seconds) and the recommendations inside the window."""
@@ -186,6 +219,7 @@ class Scaler:
         service: WorkerService,
         config: ScalingConfig,
         history: HistoryStore | None = None,
+        outlook: OutlookStore | None = None,
     ) -> None:
         urls = [queue.url for queue in queues]
         if not urls:
@@ -197,12 +231,39 @@ class Scaler:
         self.service = service
         self.config = config
         self.history = history or HistoryStore(ledger)
+        self.outlook = outlook or OutlookStore(ledger)
+        self._step_seconds: tuple[float, float | None] | None = None  # (read at, value)
+        self._schema_current = False
 
-    def ensure_schema(self) -> None:
-        """The tables the scaler reads and writes: the ledger's (the scaler may run before
-        any executor has created them) and its own history."""
-        self.ledger.ensure_schema()
-        self.history.ensure_schema()
+    def ensure_schema(self) -> bool:
+        """Whether the ledger is at this release's schema, so the scaler can read it.
+
+        The scaler never changes the schema (its Lambda carries no migrations): the first
+        worker or run of a release upgrades it, and a new deployment's first run creates
+        it before it launches a step. Until then nothing is evaluated and the count holds.
+        A schema newer than this release knows raises SchemaMismatch, loudly.
+        """
+        if not self._schema_current:
+            state = self.ledger.schema_state()
+            if state.status is SchemaStatus.NEWER:
+                require_usable(state, component="scaler")
+            self._schema_current = state.status is SchemaStatus.CURRENT
+            if not self._schema_current:
+                log.warning(
+                    "The ledger has %s; the scaler holds the worker count until a worker "
+                    "or a run of this release upgrades it (or `dagster-taskiq ledger "
+                    "upgrade`).",
+                    state.describe(),
+                )
+        return self._schema_current
+
+    def step_seconds(self) -> float | None:
+        """The typical step duration on the pool's queues, read again every few minutes."""
+        now = time.monotonic()
+        if self._step_seconds is None or now - self._step_seconds[0] >= STEP_SECONDS_REFRESH:
+            urls = [queue.url for queue in self.queues]
+            self._step_seconds = (now, self.outlook.mean_step_seconds(urls))
+        return self._step_seconds[1]
 
     def read_signals(self) -> QueueSignals:
         """Each signal separately, summed over the queues: a signal that cannot be read on
@@ -219,10 +280,49 @@ class Scaler:
             live = sum(self.ledger.live_leases(queue.url) for queue in self.queues)
         except LedgerUnavailable as e:
             log.warning("Live leases unreadable: %s", e)
-        return QueueSignals(visible=visible, delayed=delayed, in_flight=in_flight, live_leases=live)
+        # Expected steps only bring workers earlier: unreadable, they count as none.
+        expected, step_seconds = 0, None
+        try:
+            step_seconds = self.step_seconds()
+            expected = expected_soon(
+                self.outlook.expected([queue.url for queue in self.queues]),
+                step_seconds=step_seconds,
+                lead_seconds=self.config.scale_out_lead_seconds,
+            )
+        except LedgerUnavailable as e:
+            log.warning("Expected steps unreadable; counting none: %s", e)
+        return QueueSignals(
+            visible=visible,
+            delayed=delayed,
+            in_flight=in_flight,
+            live_leases=live,
+            expected=expected,
+            step_seconds=step_seconds,
+        )
 
     def evaluate(self) -> Evaluation | None:
-        """One evaluation. None when the worker service itself cannot be read."""
+        """One evaluation, under the service's lock. None when the worker service itself
+        cannot be read, the ledger's schema is not this release's yet, or another
+        evaluation held the lock for too long."""
+        try:
+            if not self.ensure_schema():
+                return None
+        except LedgerUnavailable as e:
+            log.warning("Ledger schema unreadable; evaluating all the same: %s", e)
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.history.exclusive(self.service.name))
+            except LedgerUnavailable as e:
+                # The signals will say so too, and the policy then holds the count.
+                log.warning("Evaluation lock unavailable; evaluating without it: %s", e)
+            except sa.exc.DBAPIError as e:
+                log.warning(
+                    "Another evaluation of %s held it up; skipped: %s", self.service.name, e
+                )
+                return None
+            return self._evaluate()
+
+    def _evaluate(self) -> Evaluation | None:
         signals = self.read_signals()
         try:
             current = self.service.desired_count()
@@ -268,6 +368,10 @@ class Scaler:
                 service=service,
             )
         emit_metric("ScalingDecisions", 1, service=service, reason=decision.reason.value)
+        emit_metric("ExpectedSteps", signals.expected, service=service)
+        # 1 while the pool is held at its cap: on a big day the cap decides the waits.
+        at_max = decision.desired >= self.config.max_workers
+        emit_metric("AtMaxWorkers", 1 if at_max else 0, service=service)
 
 
 TRIGGER_SOURCE = "dagster-taskiq.executor"
@@ -315,10 +419,16 @@ class ScalerSettings:
     service: str
     config: ScalingConfig
     evaluations_per_invocation: int = 3
+    # The queues' and the service's region (else the Lambda's own, AWS_REGION).
+    region: str | None = None
+    # What database_url needs to complete the URL's credentials: the password (or the
+    # database secret's ARN) and user, as the environment names them. Read when built.
+    credentials: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ScalerSettings:
         evaluations = _int(environ, "DAGSTER_TASKIQ_SCALER_EVALUATIONS", 3)
+        target_wait = environ.get("DAGSTER_TASKIQ_TARGET_WAIT_SECONDS") or None
         if not 1 <= evaluations <= 12:
             raise ConfigurationError("DAGSTER_TASKIQ_SCALER_EVALUATIONS must be 1 to 12")
         try:
@@ -328,8 +438,14 @@ class ScalerSettings:
                 target_backlog_per_worker=_int(environ, "DAGSTER_TASKIQ_TARGET_BACKLOG", 5),
                 steps_per_worker=_int(environ, "DAGSTER_TASKIQ_STEPS_PER_WORKER", 1),
                 scale_in_stabilization_seconds=_int(
-                    environ, "DAGSTER_TASKIQ_SCALE_IN_STABILIZATION_SECONDS", 300
+                    environ, "DAGSTER_TASKIQ_SCALE_IN_STABILIZATION_SECONDS", 60
                 ),
+                target_wait_seconds=(
+                    None
+                    if target_wait is None
+                    else _int(environ, "DAGSTER_TASKIQ_TARGET_WAIT_SECONDS", 0)
+                ),
+                scale_out_lead_seconds=_int(environ, "DAGSTER_TASKIQ_SCALE_OUT_LEAD_SECONDS", 60),
             )
         except ValueError as e:
             raise ConfigurationError(str(e)) from e
@@ -341,22 +457,33 @@ class ScalerSettings:
             service=_required(environ, ENV_ECS_SERVICE),
             config=config,
             evaluations_per_invocation=evaluations,
+            region=environ.get(ENV_REGION) or None,
+            credentials={
+                name: environ[name]
+                for name in (ENV_DATABASE_USER, ENV_DATABASE_PASSWORD, ENV_DATABASE_SECRET_ARN)
+                if environ.get(name)
+            },
         )
 
 
 def build_scaler(settings: ScalerSettings, *, ecs_client: ECSClient | None = None) -> Scaler:
     import boto3
 
-    url = database_url(settings.database_url, os.environ) or settings.database_url
+    url = database_url(settings.database_url, settings.credentials) or settings.database_url
     ledger = Ledger(url, pool_size=1)
     service = EcsWorkerService(
-        ecs_client or boto3.client("ecs"), cluster=settings.cluster, service=settings.service
+        ecs_client or boto3.client("ecs", region_name=settings.region),
+        cluster=settings.cluster,
+        service=settings.service,
     )
     scaler = Scaler(
-        queues=sqs_queues(settings.queue_urls),
+        queues=sqs_queues(settings.queue_urls, region=settings.region),
         ledger=ledger,
         service=service,
         config=settings.config,
     )
-    scaler.ensure_schema()
+    try:
+        scaler.ensure_schema()  # a newer schema fails the cold start, loudly
+    except LedgerUnavailable as e:
+        log.warning("Ledger unreachable at start; each evaluation checks again: %s", e)
     return scaler

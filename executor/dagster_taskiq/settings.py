@@ -5,6 +5,7 @@ Dagster-free: the Lambdas import this module.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
@@ -17,16 +18,33 @@ ENV_DATABASE_URL = "DAGSTER_TASKIQ_DATABASE_URL"
 # injected from Secrets Manager instead of sitting in a plain environment variable.
 ENV_DATABASE_PASSWORD = "DAGSTER_TASKIQ_DATABASE_PASSWORD"
 ENV_DATABASE_SECRET_ARN = "DAGSTER_TASKIQ_DATABASE_SECRET_ARN"
+# The user name, for a URL that has none (an existing database: the user is in its secret).
+ENV_DATABASE_USER = "DAGSTER_TASKIQ_DATABASE_USER"
 ENV_ENDPOINT_URL = "DAGSTER_TASKIQ_ENDPOINT_URL"
 ENV_REGION = "DAGSTER_TASKIQ_AWS_REGION"
 ENV_SIGNING_KEY = "DAGSTER_TASKIQ_SIGNING_KEY"
+# Or the Secrets Manager secret whose string is the key: read once, never in the environment.
+ENV_SIGNING_KEY_SECRET_ARN = "DAGSTER_TASKIQ_SIGNING_KEY_SECRET_ARN"
 ENV_CODE_LOCATIONS = "DAGSTER_TASKIQ_CODE_LOCATIONS"
 ENV_CONCURRENCY = "DAGSTER_TASKIQ_CONCURRENCY"
+ENV_STEP_PROCESS_START = "DAGSTER_TASKIQ_STEP_PROCESS_START"
+ENV_MAX_STEP_ARGS_BYTES = "DAGSTER_TASKIQ_MAX_STEP_ARGS_BYTES"
 ENV_ECS_CLUSTER = "DAGSTER_TASKIQ_ECS_CLUSTER"
 ENV_ECS_SERVICE = "DAGSTER_TASKIQ_ECS_SERVICE"
 ENV_SCALER_FUNCTION = "DAGSTER_TASKIQ_SCALER_FUNCTION"
 ENV_ALERT_TOPIC_ARN = "DAGSTER_TASKIQ_ALERT_TOPIC_ARN"
 ENV_DAGSTER_UI_URL = "DAGSTER_TASKIQ_DAGSTER_UI_URL"
+# For the operations commands (status, runs, dlq, logs): what the stack outputs name.
+# The dead-letter queue(s), in the order of the queues; read from a queue's redrive policy
+# when unset.
+ENV_DLQ_URL = "DAGSTER_TASKIQ_DLQ_URL"
+ENV_WORKER_LOG_GROUP = "DAGSTER_TASKIQ_WORKER_LOG_GROUP"
+ENV_SCALER_LOG_GROUP = "DAGSTER_TASKIQ_SCALER_LOG_GROUP"
+ENV_DLQ_PROCESSOR_LOG_GROUP = "DAGSTER_TASKIQ_DLQ_PROCESSOR_LOG_GROUP"
+# The JSON file ``cdk deploy --outputs-file`` writes: every pool's outputs at once.
+ENV_STACK_OUTPUTS = "DAGSTER_TASKIQ_STACK_OUTPUTS"
+# The root directory of a running local stack: its stack.env, pool states and logs.
+ENV_LOCAL_STACK = "DAGSTER_TASKIQ_LOCAL_STACK"
 
 DEFAULT_REGION = "us-east-1"
 DEFAULT_VISIBILITY_TIMEOUT = 300
@@ -79,27 +97,96 @@ def with_password(url: str, password: str) -> str:
     return _join(parts.scheme, netloc, parts.path, parts.query)
 
 
-def _secret_password(secret_arn: str) -> str:
-    # An RDS/Aurora secret is JSON with a "password" key. Cached by powertools for 5 min.
+def with_user(url: str, user: str) -> str:
+    """The URL with ``user`` in it, unless it already names one."""
+    parts = urlsplit(url)
+    if parts.username or not user:
+        return url
+    _, at, hostinfo = parts.netloc.rpartition("@")
+    netloc = f"{quote(user, safe='')}@{hostinfo if at else parts.netloc}"
+    return _join(parts.scheme, netloc, parts.path, parts.query)
+
+
+def _secret_credentials(secret_arn: str) -> dict[str, str]:
+    # An RDS/Aurora secret is JSON with "username" and "password". Cached by powertools for
+    # 5 min, so a rotated password reaches new connections.
     from aws_lambda_powertools.utilities import parameters
 
     secret = parameters.get_secret(secret_arn, transform="json")
     if not isinstance(secret, dict) or "password" not in secret:
         raise ConfigurationError(f"The secret {secret_arn} has no 'password' key")
-    return str(secret["password"])
+    return {key: str(value) for key, value in secret.items() if key in ("username", "password")}
 
 
 def database_url(explicit: str | None, environ: Mapping[str, str]) -> str | None:
     """The ledger URL: explicit, else $DAGSTER_TASKIQ_DATABASE_URL; with the password from
     $DAGSTER_TASKIQ_DATABASE_PASSWORD or the secret $DAGSTER_TASKIQ_DATABASE_SECRET_ARN
-    when the URL has none."""
+    when the URL has none, and likewise the user ($DAGSTER_TASKIQ_DATABASE_USER or the
+    secret's ``username``)."""
     url = explicit or environ.get(ENV_DATABASE_URL) or None
     if url is None:
         return None
-    password = environ.get(ENV_DATABASE_PASSWORD)
-    if not password and environ.get(ENV_DATABASE_SECRET_ARN):
-        password = _secret_password(environ[ENV_DATABASE_SECRET_ARN])
+    user = environ.get(ENV_DATABASE_USER) or None
+    password = environ.get(ENV_DATABASE_PASSWORD) or None
+    needs_user = not urlsplit(url).username and user is None
+    secret_arn = environ.get(ENV_DATABASE_SECRET_ARN)
+    if (password is None or needs_user) and secret_arn:
+        credentials = _secret_credentials(secret_arn)
+        password = password or credentials["password"]
+        user = user or credentials.get("username")
+    if user:
+        url = with_user(url, user)
     return with_password(url, password) if password else url
+
+
+@functools.cache
+def read_secret_string(secret_arn: str, endpoint_url: str | None = None) -> str:
+    """A Secrets Manager secret's string, read once per process (boto3, the secret's region).
+
+    Raises ConfigurationError naming the secret and what to check when it cannot be read.
+    """
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    parts = secret_arn.split(":")
+    if len(parts) < 7 or parts[2] != "secretsmanager":
+        raise ConfigurationError(
+            f"Expected a Secrets Manager secret ARN "
+            f"(arn:aws:secretsmanager:<region>:<account>:secret:<name>), got {secret_arn!r}"
+        )
+    client = boto3.session.Session().client(
+        "secretsmanager", region_name=parts[3], endpoint_url=endpoint_url or None
+    )
+    try:
+        value: object = client.get_secret_value(SecretId=secret_arn).get("SecretString")
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        raise ConfigurationError(
+            f"Cannot read the secret {secret_arn} ({code}): {e}. This process's role needs "
+            "secretsmanager:GetSecretValue on it (for the signing key, the stack's "
+            "RunWorkerPolicyArn policy has it), and kms:Decrypt on its key if that is not "
+            "AWS managed."
+        ) from e
+    except BotoCoreError as e:
+        raise ConfigurationError(f"Cannot read the secret {secret_arn}: {e}") from e
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"The secret {secret_arn} has no string value")
+    return value
+
+
+def signing_key(
+    key: str | None, secret_arn: str | None, *, endpoint_url: str | None = None
+) -> str | None:
+    """The HMAC signing key: given as is, or read from its secret. Not both: a key in the
+    environment beside a secret would be one of them left over, and they may differ."""
+    if key and secret_arn:
+        raise ConfigurationError(
+            f"Both a signing key ({ENV_SIGNING_KEY} or signing_key) and its secret "
+            f"({ENV_SIGNING_KEY_SECRET_ARN} or signing_key_secret_arn) are set: set one."
+        )
+    if secret_arn:
+        return read_secret_string(secret_arn, endpoint_url)
+    return key or None
 
 
 def ledger_url(url: str) -> str:

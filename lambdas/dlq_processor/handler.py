@@ -8,7 +8,10 @@ Environment:
 
 - ``DAGSTER_TASKIQ_DATABASE_URL``: the ledger (required).
 - ``DAGSTER_TASKIQ_ALERT_TOPIC_ARN``: the SNS topic alerts go to (required).
-- ``DAGSTER_TASKIQ_SIGNING_KEY``: the key step messages are signed with, if any.
+- ``DAGSTER_TASKIQ_DATABASE_SECRET_ARN``: the database secret, for the password (and user)
+  the ledger URL leaves out.
+- ``DAGSTER_TASKIQ_SIGNING_KEY_SECRET_ARN``: the secret holding the key step messages are
+  signed with (or ``DAGSTER_TASKIQ_SIGNING_KEY``, the key itself), if any.
 - ``DAGSTER_TASKIQ_DAGSTER_UI_URL``: the Dagster UI, for run links in alerts.
 - ``AWS_ENDPOINT_URL_SNS``: another SNS endpoint (an emulator), read by boto3 itself.
 - ``POWERTOOLS_METRICS_NAMESPACE``: the CloudWatch namespace, ``DagsterTaskiq`` by default.
@@ -18,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import boto3
@@ -47,11 +51,15 @@ from dagster_taskiq.observability import METRICS_NAMESPACE, get_logger
 from dagster_taskiq.settings import (
     ENV_ALERT_TOPIC_ARN,
     ENV_DAGSTER_UI_URL,
+    ENV_DATABASE_PASSWORD,
+    ENV_DATABASE_SECRET_ARN,
     ENV_DATABASE_URL,
+    ENV_DATABASE_USER,
     ENV_SIGNING_KEY,
+    ENV_SIGNING_KEY_SECRET_ARN,
     ConfigurationError,
     database_url,
-    env_or,
+    signing_key,
 )
 
 logger = get_logger(SERVICE)
@@ -62,26 +70,63 @@ metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 batch = BatchProcessor(event_type=EventType.SQS)
 
 
-@functools.cache
-def get_processor() -> DeadLetterProcessor:
-    """Built on first use and kept for the container's life: one pool, one SNS client."""
-    url = database_url(None, os.environ)
-    topic_arn = env_or(None, ENV_ALERT_TOPIC_ARN)
-    if not url or not topic_arn:
-        raise ConfigurationError(
-            f"Set {ENV_DATABASE_URL} (the ledger) and {ENV_ALERT_TOPIC_ARN} (the SNS topic "
-            "for alerts) on the DLQ processor Lambda."
+@dataclass(frozen=True)
+class ProcessorSettings:
+    """The DLQ processor's configuration, read from its environment and nothing else.
+
+    Secrets are named, not read: ``environment`` holds what ``database_url`` needs to
+    resolve the ledger's credentials, and ``signing_key_secret_arn`` is read when the
+    processor is built.
+    """
+
+    database_url: str
+    topic_arn: str
+    environment: Mapping[str, str]
+    signing_key: str | None = None
+    signing_key_secret_arn: str | None = None
+    dagster_ui_url: str | None = None
+
+    @property
+    def topic_region(self) -> str:
+        return self.topic_arn.split(":")[3]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ProcessorSettings:
+        url = environ.get(ENV_DATABASE_URL) or None
+        topic_arn = environ.get(ENV_ALERT_TOPIC_ARN) or None
+        if not url or not topic_arn:
+            raise ConfigurationError(
+                f"Set {ENV_DATABASE_URL} (the ledger) and {ENV_ALERT_TOPIC_ARN} (the SNS topic "
+                "for alerts) on the DLQ processor Lambda."
+            )
+        arn_parts = topic_arn.split(":")
+        if len(arn_parts) != 6 or arn_parts[2] != "sns":
+            raise ConfigurationError(
+                f"{ENV_ALERT_TOPIC_ARN} must be an SNS topic ARN "
+                f"(arn:aws:sns:<region>:<account>:<name>), got {topic_arn!r}"
+            )
+        credentials = {
+            name: environ[name]
+            for name in (ENV_DATABASE_USER, ENV_DATABASE_PASSWORD, ENV_DATABASE_SECRET_ARN)
+            if environ.get(name)
+        }
+        return cls(
+            database_url=url,
+            topic_arn=topic_arn,
+            environment=credentials,
+            signing_key=environ.get(ENV_SIGNING_KEY) or None,
+            signing_key_secret_arn=environ.get(ENV_SIGNING_KEY_SECRET_ARN) or None,
+            dagster_ui_url=environ.get(ENV_DAGSTER_UI_URL) or None,
         )
-    arn_parts = topic_arn.split(":")
-    if len(arn_parts) != 6 or arn_parts[2] != "sns":
-        raise ConfigurationError(
-            f"{ENV_ALERT_TOPIC_ARN} must be an SNS topic ARN "
-            f"(arn:aws:sns:<region>:<account>:<name>), got {topic_arn!r}"
-        )
+
+
+def build_processor(settings: ProcessorSettings) -> DeadLetterProcessor:
+    """Reads the secrets the settings name, and connects nothing yet."""
+    url = database_url(settings.database_url, settings.environment) or settings.database_url
     sns = boto3.session.Session().client(
         "sns",
         # The topic's own region, whichever region the Lambda runs in.
-        region_name=arn_parts[3],
+        region_name=settings.topic_region,
         config=Config(
             connect_timeout=5, read_timeout=10, retries={"mode": "standard", "max_attempts": 3}
         ),
@@ -89,10 +134,16 @@ def get_processor() -> DeadLetterProcessor:
     return DeadLetterProcessor(
         # Records are processed one at a time: one connection per container is enough.
         Ledger(url, pool_size=1),
-        SnsAlerts(sns, topic_arn),
-        signing_key=env_or(None, ENV_SIGNING_KEY),
-        dagster_ui_url=env_or(None, ENV_DAGSTER_UI_URL),
+        SnsAlerts(sns, settings.topic_arn),
+        signing_key=signing_key(settings.signing_key, settings.signing_key_secret_arn),
+        dagster_ui_url=settings.dagster_ui_url,
     )
+
+
+@functools.cache
+def get_processor() -> DeadLetterProcessor:
+    """Built on first use and kept for the container's life: one pool, one SNS client."""
+    return build_processor(ProcessorSettings.from_env(os.environ))
 
 
 @tracer.capture_method(capture_response=False)

@@ -6,7 +6,9 @@ comma-separated: the step queue, then the high-priority lane) and sets the pool'
 A thin shell: configuration from the environment, then ``Scaler.evaluate`` (plain,
 tested logic in ``dagster_taskiq.scaler``). A scheduled invocation evaluates several
 times inside its minute so the reaction time is below the schedule's; an invocation
-from the executor (steps launched, no worker running) evaluates once, at once.
+from the executor (steps launched, no worker wanted) evaluates once, at once. The
+function's reserved concurrency leaves room for it beside a scheduled invocation, and the
+scaler's lock in the database keeps their evaluations from overlapping.
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ CUSTOM_CONTEXT: dict[str, Any] = {
     "visibility_timeout": 600,
     "message_retention": 86400,
     "scale_in_stabilization_seconds": 120,
+    "scale_out_lead_seconds": 45,
+    "target_wait_seconds": "90",
+    "max_workers_alarm_minutes": 15,
     "alert_email": "oncall@example.com",
     "dagster_ui_url": "https://dagster.example.com",
     "deletion_protection": "false",
@@ -66,6 +69,60 @@ POOLS = [
 ]
 POOLS_CONTEXT: dict[str, Any] = {"environment": "pools", "pools": json.dumps(POOLS)}
 
+# Deploying into an existing Dagster deployment: its VPC (looked up, here from the cached
+# answer a lookup would write to cdk.context.json), its database and its ECS cluster.
+ACCOUNT = "123456789012"
+REGION = "eu-west-1"
+VPC_ID = "vpc-0123456789abcdef0"
+DATABASE_SECRET_ARN = (
+    f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:rds!cluster-0a1b2c3d-AbCdEf"
+)
+DATABASE_SECURITY_GROUP = "sg-0fedcba9876543210"
+EXISTING_CLUSTER = "dagster-prod"
+
+
+def _subnets(kind: str, first_octet: int) -> dict[str, Any]:
+    return {
+        "name": kind,
+        "type": kind,
+        "subnets": [
+            {
+                # 17 hexadecimal digits, as EC2's ids are.
+                "subnetId": f"subnet-0{first_octet}{zone}{'0' * 14}",
+                "cidr": f"10.1.{first_octet * 16 + index * 4}.0/22",
+                "availabilityZone": f"{REGION}{zone}",
+                "routeTableId": f"rtb-0{first_octet}{zone}{'0' * 14}",
+            }
+            for index, zone in enumerate("ab")
+        ],
+    }
+
+
+VPC_LOOKUP = {
+    f"vpc-provider:account={ACCOUNT}:filter.vpc-id={VPC_ID}:region={REGION}"
+    ":returnAsymmetricSubnets=true": {
+        "vpcId": VPC_ID,
+        "vpcCidrBlock": "10.1.0.0/16",
+        "ownerAccountId": ACCOUNT,
+        "availabilityZones": [],
+        "subnetGroups": [_subnets("Private", 1), _subnets("Public", 2)],
+    }
+}
+EXISTING_CONTEXT: dict[str, Any] = {
+    "environment": "adopt",
+    "vpc_id": VPC_ID,
+    "database_endpoint": "dagster.cluster-c0ffee.eu-west-1.rds.amazonaws.com",
+    "database_port": "6432",
+    "database_name": "dagster",
+    "database_secret_arn": DATABASE_SECRET_ARN,
+    "database_security_group_id": DATABASE_SECURITY_GROUP,
+    "ecs_cluster_name": EXISTING_CLUSTER,
+    "pools": json.dumps([{"name": "default"}, {"name": "batch", "priority_lane": True}]),
+    **VPC_LOOKUP,
+}
+# The account and region the CDK CLI resolves from credentials: a lookup needs them.
+EXISTING_ENVIRONMENT = {"CDK_DEFAULT_ACCOUNT": ACCOUNT, "CDK_DEFAULT_REGION": REGION}
+
 
 @dataclass(frozen=True)
 class Build:
@@ -94,6 +151,11 @@ class Build:
         resource: dict[str, Any] = self.json["Resources"][self.logical_id(construct)]
         return resource
 
+    @property
+    def template_path(self) -> Path:
+        """The template as the CLI writes it, in the cloud assembly."""
+        return Path(self.app.outdir) / f"{self.stack.artifact_id}.template.json"
+
 
 def cdk_json_context() -> dict[str, Any]:
     """The context the CDK CLI gives the app: cdk.json's (feature flags)."""
@@ -101,9 +163,17 @@ def cdk_json_context() -> dict[str, Any]:
     return context
 
 
-def build(overrides: Mapping[str, Any], outdir: Path) -> Build:
+def build(
+    overrides: Mapping[str, Any], outdir: Path, environment: Mapping[str, str] | None = None
+) -> Build:
+    """``environment``: the CDK_DEFAULT_* variables the CLI would set (else none)."""
     app = App(context=cdk_json_context() | dict(overrides), outdir=str(outdir))
-    stack = build_stack(app)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("CDK_DEFAULT_ACCOUNT", "CDK_DEFAULT_REGION"):
+            patch.delenv(name, raising=False)
+        for name, value in (environment or {}).items():
+            patch.setenv(name, value)
+        stack = build_stack(app)
     # Synthesizes the app: the policy validation (cdk-nag) runs and fails on any violation.
     template = Template.from_stack(stack)
     return Build(app=app, stack=stack, template=template, json=dict(template.to_json()))
@@ -122,3 +192,9 @@ def custom_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Build]:
 @pytest.fixture(scope="package")
 def pools_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Build]:
     yield build(POOLS_CONTEXT, tmp_path_factory.mktemp("cdk-pools"))
+
+
+@pytest.fixture(scope="package")
+def existing_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Build]:
+    """Into an existing deployment: VPC, database and cluster are the user's."""
+    yield build(EXISTING_CONTEXT, tmp_path_factory.mktemp("cdk-existing"), EXISTING_ENVIRONMENT)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from cdk.dagster_taskiq_cdk.lambda_bundle import (
     plan_bundle,
     tree_digest,
 )
+from cdk.dagster_taskiq_cdk.paths import REPO_ROOT
 
 from .conftest import Build
 
@@ -107,6 +110,83 @@ def test_bundle_imports_with_only_the_stdlib_and_the_runtime(
 ) -> None:
     bundle = build_bundle(name)
     _import_alone(bundle, runtime_packages)
+
+
+# Run by the Lambda runtime's Python (or another CPython the bundle is built for): the
+# compiled extensions from the wheels must load, not only the pure-Python fallbacks.
+EXTENSIONS_CHECK = """
+import sys
+sys.path[:0] = sys.argv[1:3]
+import handler
+from sqlalchemy.util._has_cython import HAS_CYEXTENSION, _CYEXTENSION_MSG
+assert HAS_CYEXTENSION, _CYEXTENSION_MSG
+import wrapt._wrappers
+print(sys.version_info[:2])
+"""
+
+
+def _other_python() -> tuple[str, str] | None:
+    """A CPython of another version than this one, and its version: the Lambda runtime's
+    first (python3.14), else python3.13, each from $PYTHON314 / $PYTHON313 or the PATH."""
+    for version in (lambda_bundle.LAMBDA_PYTHON_VERSION, "3.13"):
+        if version == f"{sys.version_info[0]}.{sys.version_info[1]}":
+            continue
+        # PYTHON313 (as the Makefile names it, found through pyenv) before the PATH.
+        named = os.environ.get(f"PYTHON{version.replace('.', '')}")
+        executable = named or shutil.which(f"python{version}")
+        if executable is None:
+            continue
+        # The interpreter itself, not a launcher in front of it (which may need its own
+        # environment): the check below runs with an empty one.
+        probe = subprocess.run(
+            [executable, "-c", "import sys; print('%d.%d' % sys.version_info[:2], sys.executable)"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        found = probe.stdout.split()
+        if probe.returncode == 0 and len(found) == 2 and found[0] == version:
+            return found[1], version
+    return None
+
+
+def test_the_bundle_carries_the_runtimes_extensions() -> None:
+    """Built by this (3.11) interpreter, the bundle has CPython 3.14's compiled extensions."""
+    files = plan_bundle("scaler")
+    extensions = sorted(f.destination for f in files if f.destination.endswith(".so"))
+    if not extensions:
+        pytest.skip("no wheel for the Lambda runtime could be downloaded (offline)")
+    tag = f"cpython-{lambda_bundle.LAMBDA_PYTHON_VERSION.replace('.', '')}-x86_64-linux-gnu.so"
+    assert all(name.endswith(tag) for name in extensions), extensions
+    assert any(name.startswith("sqlalchemy/") for name in extensions)
+    assert any(name.startswith("wrapt/") for name in extensions)
+
+
+def test_a_bundle_for_another_python_loads_its_extensions_there(
+    tmp_path: Path, runtime_packages: Path
+) -> None:
+    """The wheels' extensions load in the Python they are for: the bundle built here for
+    another CPython, imported by that CPython with nothing but the bundle and the runtime."""
+    found = _other_python()
+    if found is None:
+        pytest.skip("no python3.14 or python3.13 ($PYTHON314, $PYTHON313 or on the PATH)")
+    executable, version = found
+    bundle = build_bundle("scaler", build_dir=tmp_path, python_version=version)
+    completed = subprocess.run(
+        [executable, "-S", "-c", EXTENSIONS_CHECK, str(bundle), str(runtime_packages)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "POWERTOOLS_TRACE_DISABLED": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_the_worker_image_runs_the_lambdas_python() -> None:
+    dockerfile = (REPO_ROOT / "worker_image" / "Dockerfile").read_text()
+    (base,) = [line for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    assert base == f"FROM python:{lambda_bundle.LAMBDA_PYTHON_VERSION}-slim"
 
 
 def test_pure_python_bundle_imports_too(tmp_path: Path, runtime_packages: Path) -> None:

@@ -17,10 +17,11 @@ from .conftest import Build
 EXPECTED_ACKNOWLEDGMENTS = {
     "AwsSolutions-ECS2",  # plain environment holds only non-secret configuration
     "AwsSolutions-IAM5[Resource::*]",  # ENI and X-Ray actions, ecr:GetAuthorizationToken
-    "AwsSolutions-L1",  # python3.11, to match the bundled compiled extensions
     "AwsSolutions-RDS11",  # default PostgreSQL port
-    "AwsSolutions-SMG4",  # no automatic rotation of the database password
+    "AwsSolutions-SMG4",  # no automatic rotation of the database password and signing key
 }
+# Into an existing database: the stack creates none, so nothing of one is acknowledged.
+EXISTING_DATABASE_ACKNOWLEDGMENTS = EXPECTED_ACKNOWLEDGMENTS - {"AwsSolutions-RDS11"}
 # Acknowledged only because the custom context turns the protections off.
 CONTEXT_ACKNOWLEDGMENTS = {"AwsSolutions-RDS10", "AwsSolutions-RDS6"}
 
@@ -35,13 +36,17 @@ def _violations(build: Build) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("which", ["default_build", "custom_build", "pools_build"])
+@pytest.mark.parametrize(
+    "which", ["default_build", "custom_build", "pools_build", "existing_build"]
+)
 def test_no_unacknowledged_errors_or_warnings(which: str, request: pytest.FixtureRequest) -> None:
     build: Build = request.getfixturevalue(which)
     assert _violations(build) == []
 
 
-@pytest.mark.parametrize("which", ["default_build", "custom_build", "pools_build"])
+@pytest.mark.parametrize(
+    "which", ["default_build", "custom_build", "pools_build", "existing_build"]
+)
 def test_no_cdk_errors_or_warnings(which: str, request: pytest.FixtureRequest) -> None:
     build: Build = request.getfixturevalue(which)
     annotations = Annotations.from_stack(build.stack)
@@ -63,10 +68,19 @@ def _acknowledgments(build: Build) -> dict[str, set[str]]:
 
 
 def test_acknowledged_findings_are_the_reviewed_ones(
-    default_build: Build, custom_build: Build
+    default_build: Build, custom_build: Build, existing_build: Build
 ) -> None:
     assert set(_acknowledgments(default_build)) == EXPECTED_ACKNOWLEDGMENTS
     assert set(_acknowledgments(custom_build)) == EXPECTED_ACKNOWLEDGMENTS | CONTEXT_ACKNOWLEDGMENTS
+    assert set(_acknowledgments(existing_build)) == EXISTING_DATABASE_ACKNOWLEDGMENTS
+
+
+def test_the_lambda_runtime_needs_no_acknowledgment(
+    default_build: Build, existing_build: Build
+) -> None:
+    """AwsSolutions-L1 (not the latest runtime) is met, not acknowledged."""
+    for build in (default_build, existing_build):
+        assert "AwsSolutions-L1" not in _acknowledgments(build)
 
 
 def test_worker_pools_need_no_new_acknowledgment(default_build: Build, pools_build: Build) -> None:
@@ -74,10 +88,10 @@ def test_worker_pools_need_no_new_acknowledgment(default_build: Build, pools_bui
 
 
 def test_every_acknowledgment_says_why(
-    default_build: Build, custom_build: Build, pools_build: Build
+    default_build: Build, custom_build: Build, pools_build: Build, existing_build: Build
 ) -> None:
     rules_by_reason: dict[str, set[str]] = {}
-    for build in (default_build, custom_build, pools_build):
+    for build in (default_build, custom_build, pools_build, existing_build):
         for rule, reasons in _acknowledgments(build).items():
             for reason in reasons:
                 assert len(reason) >= MIN_REASON_LENGTH, (rule, reason)

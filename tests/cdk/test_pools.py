@@ -27,17 +27,12 @@ from .test_stack import (
     _permissions,
     grant,
     lambda_basics,
+    lambda_secret_read,
     role_permissions,
-    secret_read,
 )
 
 POOL_NAMES = ["default", "high-mem", "ordered"]
-WORKER_QUEUE_ACTIONS = [
-    "sqs:ChangeMessageVisibility",
-    "sqs:DeleteMessage",
-    "sqs:GetQueueAttributes",
-    "sqs:ReceiveMessage",
-]
+WORKER_QUEUE_ACTIONS = ["sqs:ChangeMessageVisibility", "sqs:DeleteMessage", "sqs:ReceiveMessage"]
 
 
 def _queues(build: Build, pool: str) -> StepQueues:
@@ -276,7 +271,7 @@ def test_each_pool_has_its_scaler_on_its_own_schedule(pools_build: Build) -> Non
     }
     for pool in POOL_NAMES:
         properties = _function(pools_build, pools_build.stack.scalers[pool].function)
-        assert properties["ReservedConcurrentExecutions"] == 1
+        assert properties["ReservedConcurrentExecutions"] == 3
 
 
 def test_a_scaler_reads_its_pools_queues_and_sets_its_pools_service(pools_build: Build) -> None:
@@ -308,7 +303,9 @@ def test_a_scalers_role_is_its_pools_only(pools_build: Build) -> None:
     for pool in POOL_NAMES:
         scaler = stack.scalers[pool].bundled
         queues = _queues(pools_build, pool).step_queues
-        expected = lambda_basics(pools_build, scaler) | secret_read(pools_build)
+        expected = lambda_basics(pools_build, scaler) | lambda_secret_read(
+            pools_build, stack.database.secret
+        )
         for queue in queues:
             expected |= grant(pools_build, ["sqs:GetQueueAttributes"], queue.queue_arn)
         expected |= grant(
@@ -352,7 +349,8 @@ def test_one_dead_letter_processor_takes_every_pools_dlq(pools_build: Build) -> 
         lambda_basics(pools_build, stack.dead_letters.bundled)
         | grant(pools_build, ["sns:Publish"], stack.alerts.topic.topic_arn)
         | grant(pools_build, ["kms:Decrypt", "kms:GenerateDataKey"], stack.alerts.key.key_arn)
-        | secret_read(pools_build)
+        | lambda_secret_read(pools_build, stack.database.secret)
+        | lambda_secret_read(pools_build, stack.signing_key.secret)
     )
     for pool in POOL_NAMES:
         expected |= grant(
@@ -371,7 +369,10 @@ def test_one_dead_letter_processor_takes_every_pools_dlq(pools_build: Build) -> 
 
 def test_the_run_worker_may_send_to_every_pool_and_wake_every_scaler(pools_build: Build) -> None:
     stack = pools_build.stack
-    expected: set[tuple[str, str]] = set()
+    # One signing key for every pool: the executor signs for all of them.
+    expected = grant(
+        pools_build, ["secretsmanager:GetSecretValue"], stack.signing_key.secret.secret_arn
+    )
     for pool in POOL_NAMES:
         for queue in _queues(pools_build, pool).step_queues:
             expected |= grant(
@@ -392,9 +393,10 @@ def test_the_run_worker_may_send_to_every_pool_and_wake_every_scaler(pools_build
 
 def test_every_pool_has_its_alarms_and_they_notify_the_topic(pools_build: Build) -> None:
     monitoring = pools_build.stack.monitoring
-    # Per pool: dead letters, oldest step, scaler; and oldest high-priority step per lane.
-    assert len(pools_build.resources("AWS::CloudWatch::Alarm")) == 3 * 3 + 2
-    assert len(monitoring.alarms) == 11
+    # Per pool: dead letters, oldest step, scaler, held at max_workers; and oldest
+    # high-priority step per lane.
+    assert len(pools_build.resources("AWS::CloudWatch::Alarm")) == 3 * 4 + 2
+    assert len(monitoring.alarms) == 14
     topic = pools_build.resolve(pools_build.stack.alerts.topic.topic_arn)
     for alarm in monitoring.alarms:
         properties = _alarm(pools_build, alarm)
@@ -474,11 +476,15 @@ def test_outputs_per_pool(pools_build: Build, default_build: Build) -> None:
         "HighMemDeadLetterQueueUrl": high_mem.dead_letter_queue.queue_url,
         "HighMemScalerFunctionName": stack.scalers["high-mem"].function.function_name,
         "HighMemEcsServiceName": stack.workers.pools["high-mem"].service.service_name,
+        "HighMemWorkerLogGroupName": stack.workers.pools["high-mem"].log_group.log_group_name,
+        "HighMemScalerLogGroupName": stack.scalers["high-mem"].bundled.log_group.log_group_name,
         "OrderedQueueUrl": ordered.queue.queue_url,
         "OrderedPriorityQueueUrl": ordered.priority_queue.queue_url,
         "OrderedDeadLetterQueueUrl": ordered.dead_letter_queue.queue_url,
         "OrderedScalerFunctionName": stack.scalers["ordered"].function.function_name,
         "OrderedEcsServiceName": stack.workers.pools["ordered"].service.service_name,
+        "OrderedWorkerLogGroupName": stack.workers.pools["ordered"].log_group.log_group_name,
+        "OrderedScalerLogGroupName": stack.scalers["ordered"].bundled.log_group.log_group_name,
     }
     for name, value in expected.items():
         assert outputs[name]["Value"] == pools_build.resolve(value), name

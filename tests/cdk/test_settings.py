@@ -29,7 +29,9 @@ def test_defaults() -> None:
     assert (settings.max_receive_count, settings.visibility_timeout) == (5, 300)
     assert settings.message_retention == 345_600 < DLQ_RETENTION_SECONDS
     assert (settings.stop_timeout, settings.worker_stop_timeout) == (120, 105)
-    assert settings.scale_in_stabilization_seconds == 300
+    assert settings.scale_in_stabilization_seconds == 60
+    assert (settings.scale_out_lead_seconds, settings.target_wait_seconds) == (60, 0)
+    assert settings.max_workers_alarm_minutes == 30
     assert settings.deletion_protection is True
     assert settings.stack_name == "DagsterTaskiq-dev"
 

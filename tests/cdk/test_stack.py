@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml  # type: ignore[import-untyped]
 
+from cdk.dagster_taskiq_cdk.database import Database
+from cdk.dagster_taskiq_cdk.lambda_bundle import LAMBDA_PYTHON_VERSION
 from cdk.dagster_taskiq_cdk.paths import REPO_ROOT
 from cdk.dagster_taskiq_cdk.settings import DLQ_RETENTION_SECONDS
 from dagster_taskiq.scaler import ScalerSettings
@@ -87,6 +89,26 @@ def secret_read(build: Build) -> set[Permission]:
         ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"],
         build.stack.database.secret.secret_arn,
     )
+
+
+def signing_key_read(build: Build) -> set[Permission]:
+    return grant(
+        build,
+        ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"],
+        build.stack.signing_key.secret.secret_arn,
+    )
+
+
+def lambda_secret_read(build: Build, secret: Any) -> set[Permission]:
+    """A Lambda reads a secret's value only (not DescribeSecret, which grant_read adds)."""
+    return grant(build, ["secretsmanager:GetSecretValue"], secret.secret_arn)
+
+
+def aurora(build: Build) -> Database:
+    """The database the stack created (every build here but the existing-database one)."""
+    database = build.stack.database
+    assert isinstance(database, Database)
+    return database
 
 
 # -- the worker service ------------------------------------------------------------------
@@ -178,6 +200,8 @@ def test_worker_environment(default_build: Build, custom_build: Build) -> None:
         "DAGSTER_PG_USER": {"Fn::Join": ["", [secret, ":username::"]]},
         "DAGSTER_PG_PASSWORD": {"Fn::Join": ["", [secret, ":password::"]]},
         "DAGSTER_TASKIQ_DATABASE_PASSWORD": {"Fn::Join": ["", [secret, ":password::"]]},
+        # The whole secret is the key, injected by ECS: in no plain environment variable.
+        "DAGSTER_TASKIQ_SIGNING_KEY": default_build.resolve(stack.signing_key.secret.secret_arn),
     }
     # The ledger connects with TLS and without a password in its URL.
     assert "sslmode=require" in json.dumps(environment["DAGSTER_TASKIQ_DATABASE_URL"])
@@ -241,12 +265,8 @@ def test_worker_task_role_only_works_the_queue(default_build: Build) -> None:
     task_role = stack.workers.task_definition.task_role
     assert role_permissions(default_build, task_role) == grant(
         default_build,
-        [
-            "sqs:ChangeMessageVisibility",
-            "sqs:DeleteMessage",
-            "sqs:GetQueueAttributes",
-            "sqs:ReceiveMessage",
-        ],
+        # Not GetQueueAttributes: a worker never reads them (test_least_privilege runs it).
+        ["sqs:ChangeMessageVisibility", "sqs:DeleteMessage", "sqs:ReceiveMessage"],
         stack.queues.queue.queue_arn,
     )
 
@@ -266,6 +286,7 @@ def test_worker_execution_role_pulls_logs_and_reads_the_secret(default_build: Bu
         "secretsmanager:GetSecretValue",
     }
     assert secret_read(default_build) <= permissions
+    assert signing_key_read(default_build) <= permissions
     assert ("ecr:GetAuthorizationToken", _key("*")) in permissions
     # The only "*" is GetAuthorizationToken, which has no resource-level permission.
     assert {a for a, r in permissions if r == _key("*")} == {"ecr:GetAuthorizationToken"}
@@ -282,7 +303,7 @@ def test_scaler_role(default_build: Build) -> None:
             ["ecs:DescribeServices", "ecs:UpdateService"],
             stack.workers.service.service_arn,
         )
-        | secret_read(default_build)
+        | lambda_secret_read(default_build, stack.database.secret)
     )
 
 
@@ -304,7 +325,8 @@ def test_dead_letter_processor_role(default_build: Build) -> None:
         )
         | grant(default_build, ["sns:Publish"], stack.alerts.topic.topic_arn)
         | grant(default_build, ["kms:Decrypt", "kms:GenerateDataKey"], stack.alerts.key.key_arn)
-        | secret_read(default_build)
+        | lambda_secret_read(default_build, stack.database.secret)
+        | lambda_secret_read(default_build, stack.signing_key.secret)
     )
 
 
@@ -319,6 +341,11 @@ def test_run_worker_policy(default_build: Build) -> None:
         )
         | grant(default_build, ["lambda:InvokeFunction"], stack.scaler.function.function_arn)
         | grant(default_build, ["ecs:DescribeServices"], stack.workers.service.service_arn)
+        | grant(
+            default_build,
+            ["secretsmanager:GetSecretValue"],
+            stack.signing_key.secret.secret_arn,
+        )
     )
 
 
@@ -427,13 +454,13 @@ def _placeholders(variables: dict[str, Any]) -> dict[str, str]:
     return {k: v if isinstance(v, str) else f"<{k}>" for k, v in variables.items()}
 
 
-def test_functions_run_the_bundle_on_python_311_x86(default_build: Build) -> None:
+def test_functions_run_the_bundle_on_the_newest_python_x86(default_build: Build) -> None:
     for function in (
         default_build.stack.scaler.function,
         default_build.stack.dead_letters.function,
     ):
         properties = _function(default_build, function)
-        assert properties["Runtime"] == "python3.11"
+        assert properties["Runtime"] == f"python{LAMBDA_PYTHON_VERSION}" == "python3.14"
         assert properties["Architectures"] == ["x86_64"]
         assert properties["Handler"] == "handler.lambda_handler"
         assert properties["TracingConfig"] == {"Mode": "Active"}
@@ -443,15 +470,17 @@ def test_functions_run_the_bundle_on_python_311_x86(default_build: Build) -> Non
 def test_scaler_function(default_build: Build) -> None:
     scaler = _function(default_build, default_build.stack.scaler.function)
     assert scaler["Timeout"] == 70
-    assert scaler["ReservedConcurrentExecutions"] == 1
+    # Room for a triggered invocation beside the scheduled one; the scaler's lock in the
+    # database serializes their evaluations.
+    assert scaler["ReservedConcurrentExecutions"] == 3
 
 
 def test_scaler_environment_is_what_the_scaler_reads(
     default_build: Build, custom_build: Build
 ) -> None:
     for build, expected in (
-        (default_build, (0, 10, 5, 2, 300)),
-        (custom_build, (1, 4, 3, 4, 120)),
+        (default_build, (0, 10, 5, 2, 60, None, 60)),
+        (custom_build, (1, 4, 3, 4, 120, 90, 45)),
     ):
         variables = _function(build, build.stack.scaler.function)["Environment"]["Variables"]
         settings = ScalerSettings.from_env(_placeholders(variables))
@@ -462,6 +491,8 @@ def test_scaler_environment_is_what_the_scaler_reads(
             config.target_backlog_per_worker,
             config.steps_per_worker,
             config.scale_in_stabilization_seconds,
+            config.target_wait_seconds,
+            config.scale_out_lead_seconds,
         ) == expected
         stack = build.stack
         assert variables[ENV_QUEUE_URL] == build.resolve(stack.queues.queue.queue_url)
@@ -511,6 +542,11 @@ def test_dead_letter_processor_environment(default_build: Build, custom_build: B
         variables = _function(build, build.stack.dead_letters.function)["Environment"]["Variables"]
         assert variables[ENV_ALERT_TOPIC_ARN] == build.resolve(build.stack.alerts.topic.topic_arn)
         _check_database_variables(build, variables)
+        # The key by its secret's ARN, never the key itself.
+        assert variables["DAGSTER_TASKIQ_SIGNING_KEY_SECRET_ARN"] == build.resolve(
+            build.stack.signing_key.secret.secret_arn
+        )
+        assert "DAGSTER_TASKIQ_SIGNING_KEY" not in variables
     default = _function(default_build, default_build.stack.dead_letters.function)
     assert ENV_DAGSTER_UI_URL not in default["Environment"]["Variables"]
     custom = _function(custom_build, custom_build.stack.dead_letters.function)
@@ -521,14 +557,14 @@ def test_dead_letter_processor_environment(default_build: Build, custom_build: B
 
 
 def test_database(default_build: Build, custom_build: Build) -> None:
-    cluster = default_build.resource(default_build.stack.database.cluster)["Properties"]
+    cluster = default_build.resource(aurora(default_build).cluster)["Properties"]
     assert cluster["Engine"] == "aurora-postgresql"
     assert cluster["EngineVersion"].startswith("16.")
     assert cluster["StorageEncrypted"] is True
     assert cluster["DeletionProtection"] is True
     assert cluster["EnableIAMDatabaseAuthentication"] is True
     assert cluster["ServerlessV2ScalingConfiguration"] == {"MinCapacity": 0.5, "MaxCapacity": 4}
-    custom = custom_build.resource(custom_build.stack.database.cluster)["Properties"]
+    custom = custom_build.resource(aurora(custom_build).cluster)["Properties"]
     assert custom["DeletionProtection"] is False
     assert custom["EnableIAMDatabaseAuthentication"] is False
     (instance,) = default_build.resources("AWS::RDS::DBInstance").values()
@@ -617,9 +653,9 @@ def _alarm_metric_names(properties: dict[str, Any]) -> set[str]:
     } | ({properties["MetricName"]} if "MetricName" in properties else set())
 
 
-def test_three_alarms_notify_the_topic(default_build: Build, custom_build: Build) -> None:
+def test_four_alarms_notify_the_topic(default_build: Build, custom_build: Build) -> None:
     monitoring = default_build.stack.monitoring
-    assert len(default_build.resources("AWS::CloudWatch::Alarm")) == 3
+    assert len(default_build.resources("AWS::CloudWatch::Alarm")) == 4
     topic = default_build.resolve(default_build.stack.alerts.topic.topic_arn)
     for alarm in monitoring.alarms:
         properties = _alarm(default_build, alarm)
@@ -641,6 +677,22 @@ def test_three_alarms_notify_the_topic(default_build: Build, custom_build: Build
     scaler = _alarm(default_build, monitoring.scaler_alarm)
     assert _alarm_metric_names(scaler) == {"Errors", "ScalerErrors"}
     assert scaler["Threshold"] == 0
+    # Held at max_workers for max_workers_alarm_minutes (30; 15 in the custom build).
+    for build, periods in ((default_build, 6), (custom_build, 3)):
+        alarms = build.stack.monitoring.pool_alarms["default"]
+        at_max = _alarm(build, alarms.at_max_workers)
+        assert at_max["MetricName"] == "AtMaxWorkers"
+        assert (at_max["Statistic"], at_max["Period"]) == ("Average", 300)
+        assert at_max["EvaluationPeriods"] == periods
+        assert at_max["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+        # The scaler's metrics name the worker service alike (cluster/service).
+        (scaler_errors,) = [
+            query["MetricStat"]["Metric"]
+            for query in _alarm(build, alarms.scaler)["Metrics"]
+            if "MetricStat" in query
+            and query["MetricStat"]["Metric"]["MetricName"] == "ScalerErrors"
+        ]
+        assert at_max["Dimensions"] == scaler_errors["Dimensions"]
 
 
 # -- outputs ----------------------------------------------------------------------------------
@@ -657,9 +709,14 @@ def test_outputs(default_build: Build) -> None:
         "EcsServiceName": stack.workers.service.service_name,
         "DatabaseSecretArn": stack.database.secret.secret_arn,
         "DatabaseEndpoint": stack.database.hostname,
+        "SigningKeySecretArn": stack.signing_key.secret.secret_arn,
         "AlertTopicArn": stack.alerts.topic.topic_arn,
         "RunWorkerPolicyArn": stack.run_worker.policy.managed_policy_arn,
         "RunWorkerSecurityGroupId": stack.run_worker.security_group.security_group_id,
+        # For the operations commands: `dagster-taskiq logs` reads these groups.
+        "WorkerLogGroupName": stack.workers.log_group.log_group_name,
+        "ScalerLogGroupName": stack.scaler.bundled.log_group.log_group_name,
+        "DeadLetterProcessorLogGroupName": stack.dead_letters.bundled.log_group.log_group_name,
     }
     for name, value in expected.items():
         assert outputs[name]["Value"] == default_build.resolve(value), name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, ClassVar
@@ -161,6 +162,11 @@ def test_scale_in_protection_on_while_a_step_runs(
     assert calls, "the worker never called the task-protection endpoint"
     assert all(c["path"] == "/task-protection/v1/state" for c in calls)
     assert calls[0]["ProtectionEnabled"] is True and calls[0]["ExpiresInMinutes"] > 0
+    # The worker records the step's ending, then turns protection off, a moment after the
+    # run worker has read the step's success (the run may end first).
+    deadline = time.monotonic() + 10
+    while calls[-1]["ProtectionEnabled"] is not False and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert calls[-1]["ProtectionEnabled"] is False
 
 

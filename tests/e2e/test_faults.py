@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from dagster._core.execution.api import execute_run
 from dagster._core.execution.job_execution_result import JobExecutionResult
 
 from dagster_taskiq.ledger import Ledger, Status, StepRecord
-from dagster_taskiq.load.faults import DuplicatingRelay
+from dagster_taskiq.load.faults import DuplicatingRelay, kill_whole_worker
 from dagster_taskiq.local.stack import LocalStack
 from tests import jobs
 from tests.conftest import start_workers
@@ -105,7 +104,8 @@ def test_worker_killed_mid_step_is_taken_over_and_the_run_succeeds(
         first = wait_for(run.started, what="the step to start")
         victim = first[0]["worker_pid"]
         assert victim in {p.pid for p in pool.processes}
-        os.kill(victim, signal.SIGKILL)
+        # The whole worker at once, as a lost Fargate task dies.
+        kill_whole_worker(victim)
 
     (result,) = run.results
     assert result.success, "the run must finish without anyone touching it"

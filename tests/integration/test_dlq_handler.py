@@ -16,6 +16,12 @@ from typing import Any
 import pytest
 from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 
+from dagster_taskiq.dead_letters import (
+    SNS_MESSAGE_MAX_BYTES,
+    DeadLetter,
+    DeadLetterProcessor,
+    DeadLetterResult,
+)
 from dagster_taskiq.ledger import Ledger, LedgerUnavailable, Status
 from dagster_taskiq.local.stack import REGION
 from dagster_taskiq.messages import encode
@@ -224,3 +230,41 @@ def test_unreachable_ledger_fails_the_whole_batch(
     assert emf_metrics(capsys.readouterr().out)["DeadLetterRecordsFailed"] == 2
     assert row(ledger, message).status is Status.RUNNING
     assert inbox.take() == []
+
+
+def test_one_poisoned_record_fails_alone_and_huge_keys_poison_nothing(
+    inbox: AlertInbox,
+    ledger: Ledger,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Alerts for 100,000-character step keys used to exceed SNS's limit on every try.
+    message = step_message(step_key="k" * 100_000)
+    huge = sqs_record(launch(ledger, message))
+    start(ledger, message, deliveries=5)
+    unknown = sqs_record(
+        encode(step_message(step_key="u" * 100_000), signing_key=SIGNING_KEY, max_bytes=MAX_BYTES)
+    )
+    malformed = sqs_record("{not json")
+    poisoned = sqs_record("{not json either")
+    process = DeadLetterProcessor.process
+
+    def poison(self: DeadLetterProcessor, letter: DeadLetter) -> DeadLetterResult:
+        if letter.message_id == poisoned["messageId"]:
+            raise RuntimeError("a record that cannot be processed")
+        return process(self, letter)
+
+    monkeypatch.setattr(DeadLetterProcessor, "process", poison)
+
+    response = invoke(huge, poisoned, unknown, malformed)
+
+    assert failed_ids(response) == [poisoned["messageId"]]
+    assert row(ledger, message).status is Status.DEAD_LETTERED
+    alerts = inbox.take()
+    assert sorted(alert.fields["alert"] for alert in alerts) == [
+        "malformed_dead_letter",
+        "step_dead_lettered",
+        "unknown_dead_letter",
+    ]
+    assert all(len(alert.message.encode()) <= SNS_MESSAGE_MAX_BYTES for alert in alerts)
+    assert emf_metrics(capsys.readouterr().out)["DeadLetterRecordsFailed"] == 1

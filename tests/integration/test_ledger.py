@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from dagster_taskiq.ledger import (
+    ERROR_TEXT_CHARS,
     NON_TERMINAL,
     TERMINAL,
     Claim,
@@ -27,7 +28,7 @@ from dagster_taskiq.ledger import (
     StepRecord,
 )
 from dagster_taskiq.messages import payload_hash
-from dagster_taskiq.settings import ledger_url
+from dagster_taskiq.migrations import ensure_schema
 
 HASH = payload_hash('{"step": "args"}')
 OTHER_HASH = payload_hash('{"step": "other"}')
@@ -636,8 +637,9 @@ def test_record_rejection_upserts_by_message_id(ledger: Ledger) -> None:
     first = row(message_id)
     assert first["reason"] == "forged"
     assert first["receive_count"] == 1
-    assert first["detail"] == "d" * 2_000
-    assert first["body_excerpt"] == "b" * 2_000
+    # Cut to 2000 characters, saying so.
+    assert first["detail"] == "d" * 1_974 + "... [3000 characters, cut]"
+    assert first["body_excerpt"] == "b" * 1_974 + "... [5000 characters, cut]"
     assert first["worker_id"] == "w1"
     assert first["idempotency_key"] == "run:step:0"
     assert first["first_seen_at"] == first["last_seen_at"]
@@ -661,7 +663,7 @@ def test_record_rejection_upserts_by_message_id(ledger: Ledger) -> None:
     assert isinstance(first["first_seen_at"], datetime)
     assert last_seen > first["first_seen_at"]
     # The first record is kept otherwise.
-    assert again["detail"] == "d" * 2_000
+    assert again["detail"] == first["detail"]
     assert again["idempotency_key"] == "run:step:0"
     assert row(other_id)["receive_count"] == 1
 
@@ -672,26 +674,9 @@ def test_record_rejection_upserts_by_message_id(ledger: Ledger) -> None:
 # -- schema ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def empty_database_url(postgres_url: str) -> Iterator[str]:
-    """A new, empty database on the session's server, dropped afterwards."""
-    name = f"dagster_taskiq_schema_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(ledger_url(postgres_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    base, _, query = postgres_url.partition("?")
-    url = f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
-    try:
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def test_ensure_schema_twice(ledger: Ledger) -> None:
-    ledger.ensure_schema()
-    ledger.ensure_schema()
+    ensure_schema(ledger)
+    ensure_schema(ledger)
     key = _enqueue(ledger)
     assert _get(ledger, key).status is Status.ENQUEUED
 
@@ -702,14 +687,14 @@ def test_ensure_schema_concurrently_on_an_empty_database(empty_database_url: str
 
     def create(store: Ledger) -> None:
         barrier.wait(timeout=10)
-        store.ensure_schema()
+        ensure_schema(store)
 
     try:
         with ThreadPoolExecutor(max_workers=len(ledgers)) as pool:
             list(pool.map(create, ledgers))  # re-raises any thread's exception
         tables = set(sa.inspect(ledgers[0].engine).get_table_names())
         assert {"dagster_taskiq_steps", "dagster_taskiq_rejected_messages"} <= tables
-        ledgers[0].ensure_schema()
+        ensure_schema(ledgers[0])
         key = _enqueue(ledgers[1])
         assert _claim(ledgers[2], key).fencing_token == 1
         assert ledgers[3].rejections() == []
@@ -796,9 +781,23 @@ def test_a_server_dropping_connections_while_they_open_is_an_outage() -> None:
     try:
         for _ in range(3):
             with pytest.raises(LedgerUnavailable):
-                store.ensure_schema()
+                ensure_schema(store)
     finally:
         stop.set()
         thread.join(2)
         listener.close()
         store.dispose()
+
+
+def test_an_error_text_postgresql_cannot_store_is_recorded_made_storable(ledger: Ledger) -> None:
+    """An op's exception text is the user's: NUL or a lone surrogate in it must not keep
+    the attempt's failure from being recorded (the message would be delivered until it
+    dead-letters), and a huge one is kept bounded."""
+    key, token = _running(ledger)
+    assert ledger.complete(key, token, succeeded=False, error="bad\x00byte \ud800" + "x" * 10**5)
+    record = _get(ledger, key)
+    assert record.status is Status.FAILED
+    assert record.error is not None
+    assert record.error.startswith("bad\ufffdbyte \ufffd")
+    assert len(record.error) <= ERROR_TEXT_CHARS
+    assert "characters, cut]" in record.error

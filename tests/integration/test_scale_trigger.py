@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -10,7 +11,7 @@ import boto3
 import pytest
 
 from dagster_taskiq.local.endpoints import LambdaEndpoint
-from dagster_taskiq.scale_trigger import ScaleOutTrigger
+from dagster_taskiq.scale_trigger import CHECK_INTERVAL_SECONDS, ScaleOutTrigger
 from dagster_taskiq.scaler import TRIGGER_SOURCE, EcsWorkerService
 
 REGION = "us-east-1"
@@ -96,3 +97,48 @@ def test_a_missing_function_never_breaks_the_launch(endpoint: LambdaEndpoint) ->
     )
     assert fire(trigger)
     assert trigger.invocations == 0
+
+
+def test_the_debounce_counts_from_an_invocation_that_happened(
+    endpoint: LambdaEndpoint, service: EcsWorkerService
+) -> None:
+    client = boto3.client("lambda", region_name=REGION, endpoint_url=endpoint.url)
+    trigger = ScaleOutTrigger(
+        function_name="scaler",
+        lambda_client=client,
+        service=service,
+        debounce_seconds=30,
+        check_interval_seconds=0,
+    )
+    service.set_desired_count(1)
+    assert fire(trigger)
+    assert endpoint.invocations == [], "workers are wanted: nothing to do, and no debounce"
+
+    service.set_desired_count(0)  # the pool scaled to zero before the run's next steps
+    assert fire(trigger)
+    assert len(endpoint.invocations) == 1
+    assert not fire(trigger), "an invocation that happened starts the debounce"
+
+
+def test_a_failed_invocation_does_not_start_the_debounce(endpoint: LambdaEndpoint) -> None:
+    client = boto3.client("lambda", region_name=REGION, endpoint_url=endpoint.url)
+    trigger = ScaleOutTrigger(
+        function_name="no-such-function",
+        lambda_client=client,
+        service=None,
+        debounce_seconds=30,
+        check_interval_seconds=0,
+    )
+    assert fire(trigger) and fire(trigger)
+    assert trigger.invocations == 0
+
+
+def test_checks_are_rate_limited(endpoint: LambdaEndpoint, service: EcsWorkerService) -> None:
+    service.set_desired_count(1)
+    trigger = trigger_for(endpoint, service)  # a check at most every 2 s
+    assert fire(trigger)
+    # A fan-out launches many steps at once: they do not each read the service.
+    assert not any(fire(trigger) for _ in range(50))
+    time.sleep(CHECK_INTERVAL_SECONDS)
+    assert fire(trigger)
+    assert endpoint.invocations == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,10 +14,15 @@ from typing import Any
 
 import boto3
 import pytest
+import sqlalchemy as sa
 
-from dagster_taskiq.ledger import Ledger
+from dagster_taskiq import scaler as scaler_module
+from dagster_taskiq.ledger import Ledger, steps
+from dagster_taskiq.migrations import ensure_schema
+from dagster_taskiq.outlook import OutlookStore
 from dagster_taskiq.queue import SqsQueue, create_queue_with_dlq, sqs_client
 from dagster_taskiq.scaler import HistoryStore, Scaler, ScalerSettings
+from dagster_taskiq.scaling import ExpectedSteps
 from dagster_taskiq.settings import ConfigurationError
 from lambdas.scaler import handler
 from tests.helpers import LambdaContext
@@ -95,6 +101,9 @@ def world(
     monkeypatch.setenv("DAGSTER_TASKIQ_SCALE_IN_STABILIZATION_SECONDS", "2")
     handler._scaler.cache_clear()
     ledger = Ledger(postgres_url)
+    # A deployment's first run (or worker) brings the ledger to its schema; the scaler
+    # Lambda itself never changes it.
+    ensure_schema(ledger, component="test")
     yield ScalerWorld(SqsQueue(queue_url, client=client), ecs, name, name, ledger)
     handler._scaler.cache_clear()
     ledger.dispose()
@@ -335,3 +344,142 @@ def test_a_scaler_needs_distinct_queues(world: ScalerWorld) -> None:
         Scaler(
             queues=[world.queue, world.queue], ledger=world.ledger, service=service, config=config
         )
+
+
+# -- expected steps, the wait target, the lock, the cap metric -----------------------------------
+
+
+def test_expected_steps_start_workers_before_the_fan_out_is_queued(world: ScalerWorld) -> None:
+    outlook = OutlookStore(world.ledger)
+    # No durations in the ledger yet for this queue: every expected step counts.
+    outlook.record("run-1", {world.queue.url: ExpectedSteps(12, 5.0)})
+    outlook.record("run-2", {f"{world.queue.url}-other-pool": ExpectedSteps(40, 5.0)})
+    try:
+        assert world.invoke()["decisions"] == [{"desired": 3, "reason": "scale_from_zero"}]
+        signals = handler._scaler()[0].read_signals()
+        assert signals.expected == 12
+    finally:
+        outlook.clear("run-1")
+        outlook.clear("run-2")
+
+
+def _finished_step(world: ScalerWorld, seconds: float) -> None:
+    key = f"{uuid.uuid4()}:step:0"
+    world.ledger.enqueue(
+        key,
+        run_id="r",
+        step_key="step",
+        attempt=0,
+        payload_hash="h",
+        ttl_seconds=60,
+        queue_url=world.queue.url,
+    )
+    claim = world.ledger.claim(key, worker_id="w", lease_seconds=60, payload_hash="h")
+    assert world.ledger.complete(key, claim.fencing_token, succeeded=True)
+    with world.ledger.transaction() as conn:
+        conn.execute(
+            sa.update(steps)
+            .where(steps.c.idempotency_key == key)
+            .values(started_at=steps.c.finished_at - sa.text(f"interval '{seconds} seconds'"))
+        )
+
+
+def test_expected_steps_wait_until_they_are_due(world: ScalerWorld) -> None:
+    _finished_step(world, 300.0)  # five-minute steps on this queue
+    outlook = OutlookStore(world.ledger)
+    # Waiting 100 s on a five-minute step: due in about 200 s, more than the 60 s lead.
+    outlook.record("run-1", {world.queue.url: ExpectedSteps(12, 100.0)})
+    try:
+        assert world.invoke()["decisions"] == [{"desired": 0, "reason": "hold"}]
+        # Waiting 250 s: due within the lead.
+        outlook.record("run-1", {world.queue.url: ExpectedSteps(12, 250.0)})
+        assert world.invoke()["decisions"] == [{"desired": 3, "reason": "scale_from_zero"}]
+    finally:
+        outlook.clear("run-1")
+
+
+def test_a_wait_target_from_the_ledgers_step_durations(
+    world: ScalerWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DAGSTER_TASKIQ_TARGET_WAIT_SECONDS", "60")
+    handler._scaler.cache_clear()
+    for _ in range(3):
+        _finished_step(world, 30.0)
+    world.send(9)
+    # One step per worker: it runs one and finishes two more within 60 s, three per worker.
+    assert world.invoke()["decisions"] == [{"desired": 3, "reason": "scale_from_zero"}]
+    (latest, *_) = HistoryStore(world.ledger).decisions(f"{world.cluster}/{world.service}")
+    assert "3 per worker (60 s wait target, 30 s steps) -> 3 workers" in latest.detail
+
+
+def test_settings_of_the_outlook_come_from_the_environment() -> None:
+    environ = _scaler_environment("https://sqs/1/a")
+    defaults = ScalerSettings.from_env(environ).config
+    assert (defaults.target_wait_seconds, defaults.scale_out_lead_seconds) == (None, 60)
+    assert defaults.scale_in_stabilization_seconds == 60
+    environ |= {
+        "DAGSTER_TASKIQ_TARGET_WAIT_SECONDS": "90",
+        "DAGSTER_TASKIQ_SCALE_OUT_LEAD_SECONDS": "45",
+    }
+    config = ScalerSettings.from_env(environ).config
+    assert (config.target_wait_seconds, config.scale_out_lead_seconds) == (90, 45)
+    with pytest.raises(ConfigurationError, match="TARGET_WAIT_SECONDS must be a whole number"):
+        ScalerSettings.from_env(environ | {"DAGSTER_TASKIQ_TARGET_WAIT_SECONDS": "soon"})
+
+
+def test_evaluations_of_one_service_never_overlap(world: ScalerWorld) -> None:
+    scaler, _ = handler._scaler()
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with scaler.history.exclusive(scaler.service.name):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    world.send(1)
+    threading.Timer(1.0, release.set).start()
+    started = time.monotonic()
+    result = world.invoke({"source": "dagster-taskiq.executor"})
+    waited = time.monotonic() - started
+    holder.join(10)
+    # The triggered evaluation waited for the one in progress, then decided.
+    assert waited >= 0.9
+    assert result["decisions"] == [{"desired": 1, "reason": "scale_from_zero"}]
+
+
+def test_an_evaluation_held_up_too_long_is_skipped(
+    world: ScalerWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scaler_module, "EVALUATION_LOCK_TIMEOUT_MS", 200)
+    scaler, _ = handler._scaler()
+    world.send(1)
+    with scaler.history.exclusive(scaler.service.name):
+        done: list[dict[str, Any]] = []
+        thread = threading.Thread(target=lambda: done.append(world.invoke()))
+        thread.start()
+        thread.join(10)
+    assert done == [{"decisions": []}]
+    assert world.desired() == 0
+    # The next one goes ahead.
+    assert world.invoke()["decisions"] == [{"desired": 1, "reason": "scale_from_zero"}]
+
+
+def test_time_at_max_workers_and_expected_steps_are_emitted(
+    world: ScalerWorld, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DAGSTER_TASKIQ_MAX_WORKERS", "2")
+    handler._scaler.cache_clear()
+    world.send(30)
+    world.invoke()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "_aws" in line]
+    values = {
+        name: line[name]
+        for line in lines
+        for name in ("AtMaxWorkers", "ExpectedSteps")
+        if name in line
+    }
+    assert values == {"AtMaxWorkers": [1.0], "ExpectedSteps": [0.0]}

@@ -90,3 +90,22 @@ def test_one_read_serves_a_round(monkeypatch: pytest.MonkeyPatch) -> None:
     record = handler._health_record("k0", "run")
     assert record is not None and record.status is Status.DEAD_LETTERED
     assert ledger.for_run_calls == 2
+
+
+def test_a_round_longer_than_the_snapshot_s_age_is_served_by_one_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ledger = FakeLedger([_record(f"k{i}") for i in range(100)])
+    handler = _handler(ledger)
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    handler.pass_ended()  # the executor drives passes
+
+    for i in range(100):  # a slow round: well past the snapshot's age
+        clock[0] += step_handler.HEALTH_SNAPSHOT_SECONDS / 10
+        assert handler._health_record(f"k{i}", "run") is not None
+    assert ledger.for_run_calls == 1
+
+    handler.pass_ended()  # the next round, in a later pass, reads again
+    assert handler._health_record("k0", "run") is not None
+    assert ledger.for_run_calls == 2

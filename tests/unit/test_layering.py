@@ -13,6 +13,7 @@ DAGSTER_FREE = [
     "dagster_taskiq.ledger",
     "dagster_taskiq.queue",
     "dagster_taskiq.routing",
+    "dagster_taskiq.schema",
     "dagster_taskiq.settings",
     "dagster_taskiq.observability",
     "dagster_taskiq.worker.attempt_context",
@@ -20,7 +21,18 @@ DAGSTER_FREE = [
     "dagster_taskiq.worker.run",
     "dagster_taskiq.worker.supervisor",
     "dagster_taskiq.worker.step_process",
+    "dagster_taskiq.worker.fork_server",
     "dagster_taskiq.worker.tasks",
+    # The scaler Lambda reads the expected steps and durations through it.
+    "dagster_taskiq.outlook",
+    # The scaling simulator: an operator's tool that needs no Dagster.
+    "dagster_taskiq.simulation.commands",
+    "dagster_taskiq.simulation.run",
+    # The operator's commands: only `runs show` reads Dagster's event log, on demand.
+    "dagster_taskiq.operations.commands",
+    # The migrations, run by the supervisor and the CLI.
+    "dagster_taskiq.migrations",
+    "dagster_taskiq.health",
 ]
 
 

@@ -26,6 +26,7 @@ from dagster._core.snap.execution_plan_snapshot import snapshot_from_execution_p
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.test_utils import instance_for_test
 
+from dagster_taskiq.worker.config import CodeLocation
 from dagster_taskiq.worker.plans import PlanCache
 
 
@@ -67,6 +68,10 @@ def dynamic_job() -> None:
 @job
 def plain_job() -> None:
     add_one(start())
+
+
+# The jobs above: the allow-list of the plans built here.
+LOCATIONS = (CodeLocation(__name__),)
 
 
 @pytest.fixture
@@ -115,7 +120,7 @@ def test_steps_of_one_run_share_one_build_and_get_their_own_known_state(
 ) -> None:
     recon = reconstructable(plain_job)
     run = _run(instance, recon, {})
-    plans = PlanCache()
+    plans = PlanCache(LOCATIONS)
 
     first = KnownExecutionState()
     _, plan = plans.step_plan(instance, run, ["start"], first)
@@ -140,7 +145,7 @@ def test_a_second_run_of_the_same_job_gets_its_own_plan(instance: DagsterInstanc
     recon = reconstructable(dynamic_job)
     small = _run(instance, recon, {"ops": {"split": {"config": {"size": 2}}}})
     large = _run(instance, recon, {"ops": {"split": {"config": {"size": 3}}}})
-    plans = PlanCache()
+    plans = PlanCache(LOCATIONS)
     for run in (small, large, small):
         _, plan = plans.step_plan(instance, run, ["split"], None)
         _assert_as_dagster_builds(plan, recon, run, "split", KnownExecutionState())
@@ -150,7 +155,7 @@ def test_a_second_run_of_the_same_job_gets_its_own_plan(instance: DagsterInstanc
 def test_dynamic_steps_resolve_from_the_steps_own_mappings(instance: DagsterInstance) -> None:
     recon = reconstructable(dynamic_job)
     run = _run(instance, recon, {"ops": {"split": {"config": {"size": 2}}}})
-    plans = PlanCache()
+    plans = PlanCache(LOCATIONS)
 
     _, plan = plans.step_plan(instance, run, ["split"], None)
     _assert_as_dagster_builds(plan, recon, run, "split", KnownExecutionState())
@@ -185,7 +190,7 @@ def test_dynamic_steps_resolve_from_the_steps_own_mappings(instance: DagsterInst
 
 def test_the_cache_is_bounded(instance: DagsterInstance) -> None:
     recon = reconstructable(plain_job)
-    plans = PlanCache(size=2)
+    plans = PlanCache(LOCATIONS, size=2)
     runs = [_run(instance, recon, {}) for _ in range(3)]
     for run in runs:
         plans.step_plan(instance, run, ["start"], None)
@@ -214,7 +219,7 @@ def test_steps_run_with_the_cached_plans_and_resolve_the_run_config_once(
     recon = reconstructable(plain_job)
     run = _run(instance, recon, {})
     builds.clear()
-    plans = PlanCache()
+    plans = PlanCache(LOCATIONS)
     steps = [
         ("start", KnownExecutionState()),
         ("add_one", KnownExecutionState(ready_outputs={StepOutputHandle("start", "result")})),

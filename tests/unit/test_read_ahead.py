@@ -16,6 +16,7 @@ from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import serialize_value
 
 from dagster_taskiq.messages import StepMessage
+from dagster_taskiq.worker.config import CodeLocation
 from dagster_taskiq.worker.execution import (
     READ_AHEAD_FRESH_SECONDS,
     ReadAhead,
@@ -34,6 +35,10 @@ def only() -> int:
 @job
 def one_op_job() -> None:
     only()
+
+
+# one_op_job's module: the allow-list of the plans built here.
+LOCATIONS = (CodeLocation(__name__),)
 
 
 @pytest.fixture
@@ -78,7 +83,7 @@ def test_the_step_runs_on_what_was_read_ahead(
     instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run, step_args = _run(instance)
-    plans = PlanCache()
+    plans = PlanCache(LOCATIONS)
     injected: list[str | None] = []
     monkeypatch.setattr(instance, "inject_env_vars", injected.append)
     ahead = read_ahead(instance, step_args, plans)
@@ -100,7 +105,7 @@ def test_another_message_or_an_old_reading_is_not_gone_by(
     instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run, step_args = _run(instance)
-    ahead = read_ahead(instance, step_args, PlanCache())
+    ahead = read_ahead(instance, step_args, PlanCache(LOCATIONS))
     assert ahead is not None and ahead.run is not None
     assert ahead.run_for(step_args, run.run_id) is ahead.run
     assert ahead.run_for(step_args + " ", run.run_id) is None
@@ -113,7 +118,7 @@ def test_another_message_or_an_old_reading_is_not_gone_by(
     # The run was cancelled after an old reading: the step reads it again and does not start.
     instance.report_run_canceling(run)
     reads = _counting_run_reads(instance, monkeypatch)
-    result = execute(instance, _task(run, step_args), PlanCache(), old)
+    result = execute(instance, _task(run, step_args), PlanCache(LOCATIONS), old)
     assert result.outcome is Outcome.NOT_STARTED
     assert reads == [run.run_id]
     assert not instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
@@ -123,15 +128,15 @@ def test_reading_ahead_writes_nothing_and_leaves_failures_to_the_step(
     instance: DagsterInstance,
 ) -> None:
     run, step_args = _run(instance)
-    assert read_ahead(instance, "not step arguments", PlanCache()) is None
-    ahead = read_ahead(instance, step_args, PlanCache())
+    assert read_ahead(instance, "not step arguments", PlanCache(LOCATIONS)) is None
+    ahead = read_ahead(instance, step_args, PlanCache(LOCATIONS))
     assert ahead is not None
     assert instance.all_logs(run.run_id) == [], "nothing is written before the claim"
 
-    missing = read_ahead(instance, step_args.replace(run.run_id, "0" * 36), PlanCache())
+    missing = read_ahead(instance, step_args.replace(run.run_id, "0" * 36), PlanCache(LOCATIONS))
     assert missing is not None and missing.run is None and missing.plan is None
 
     instance.report_run_canceled(run)
-    finished = read_ahead(instance, step_args, PlanCache())
+    finished = read_ahead(instance, step_args, PlanCache(LOCATIONS))
     assert finished is not None and finished.plan is None
     assert finished.run is not None and finished.run.status is DagsterRunStatus.CANCELED

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -13,25 +14,37 @@ from hypothesis import strategies as st
 
 from dagster_taskiq.scaling import (
     Decision,
+    ExpectedSteps,
     QueueSignals,
     Reason,
     Recommendation,
     ScalingConfig,
     decide,
+    expected_soon,
+    per_worker,
 )
 
 NOW = 1_700_000_000.0
-CONFIG = ScalingConfig()  # min 0, max 10, 5 per worker, 1 step per worker, 300 s window
+# min 0, max 10, 5 per worker, 1 step per worker; the window set apart from its default (60 s)
+# so that the rules below read in round numbers.
+CONFIG = ScalingConfig(scale_in_stabilization_seconds=300)
 
 
-def signals(
+def signals(  # noqa: PLR0917 (one argument per signal, as QueueSignals takes them)
     visible: int | None = 0,
     delayed: int | None = 0,
     in_flight: int | None = 0,
     live_leases: int | None = 0,
+    expected: int = 0,
+    step_seconds: float | None = None,
 ) -> QueueSignals:
     return QueueSignals(
-        visible=visible, delayed=delayed, in_flight=in_flight, live_leases=live_leases
+        visible=visible,
+        delayed=delayed,
+        in_flight=in_flight,
+        live_leases=live_leases,
+        expected=expected,
+        step_seconds=step_seconds,
     )
 
 
@@ -95,8 +108,34 @@ def test_never_below_busy_workers_even_with_no_backlog() -> None:
     decision = run(signals(live_leases=7), 6, config=config)
 
     assert decision.busy_workers == 4
-    assert decision.recommendation == 4
+    # The busy workers are a floor of this decision, not part of the recommendation.
+    assert decision.recommendation == 0
+    assert decision.history == (Recommendation(NOW, 0),)
     assert (decision.desired, decision.reason) == (4, Reason.SCALE_IN)
+    assert decision.detail == (
+        "backlog 0 (visible 0, delayed 0, in flight 0), 4 busy; 5 per worker -> 0 workers; "
+        "4 busy workers are the floor; scaling in from 6 to 4, the busy workers"
+    )
+
+
+def test_the_busy_floor_is_not_kept_in_the_window() -> None:
+    # Eight workers busy, little backlog: eight are kept while they are busy...
+    busy = run(signals(in_flight=8, live_leases=8), 8)
+    assert (busy.desired, busy.recommendation, busy.reason) == (8, 2, Reason.HOLD)
+
+    # ...and once their steps end the count drops to what the window recommended, at once:
+    # scale-in protection kept them alive while they were busy, not the window.
+    idle = run(signals(), 8, history=busy.history, now=NOW + 20)
+    assert (idle.desired, idle.reason) == (2, Reason.SCALE_IN)
+    assert idle.detail.endswith("the highest recommendation in the 300 s window")
+
+
+def test_the_busy_floor_holds_while_the_window_has_passed() -> None:
+    history = [Recommendation(NOW - 400, 9)]
+
+    decision = run(signals(live_leases=3), 9, history=history)
+
+    assert (decision.desired, decision.reason) == (3, Reason.SCALE_IN)
 
 
 def test_busy_workers_still_capped_at_max() -> None:
@@ -231,7 +270,7 @@ def test_current_below_min_goes_up_to_min_at_once(current: int, reason: Reason) 
 
 @pytest.mark.parametrize("missing", ["visible", "delayed", "in_flight", "live_leases"])
 def test_unreadable_signal_keeps_the_count(missing: str) -> None:
-    readable = {"visible": 1000, "delayed": 0, "in_flight": 0, "live_leases": 40}
+    readable: dict[str, Any] = {"visible": 1000, "delayed": 0, "in_flight": 0, "live_leases": 40}
     queue = QueueSignals(**{**readable, missing: None})
     history = [Recommendation(NOW - 400, 9), Recommendation(NOW - 100, 3)]
 
@@ -450,17 +489,33 @@ def test_no_oscillation_while_the_backlog_comes_and_goes_within_the_window(
 
     assert desired == sorted(desired), desired
     # Once the high backlog has been seen, the count stays at what it called for.
-    peak = run(signals(visible=high, live_leases=live_leases), 0, config=config).recommendation
+    peak = run(signals(visible=high, live_leases=live_leases), 0, config=config).desired
     first_high = next(i for i in range(60) if (i + offset) % period < high_steps)
     assert desired[first_high:] == [peak] * (60 - first_high), desired
 
 
 def test_no_oscillation_example() -> None:
-    sim = Simulation(ScalingConfig(), current=0)
+    # A backlog back every four minutes, with a window of five.
+    sim = Simulation(CONFIG, current=0)
 
     desired = [sim.step(signals(visible=20 if i % 4 < 2 else 0)).desired for i in range(20)]
 
     assert desired == [4] * 20
+
+
+def test_the_default_window_is_about_a_workers_start() -> None:
+    # A backlog back within a minute keeps its workers; one back later starts them again,
+    # which costs about what keeping them idle for the minute did.
+    config = ScalingConfig()
+    assert config.scale_in_stabilization_seconds == 60
+    within = Simulation(config, current=0)
+    within_desired = [
+        within.step(signals(visible=20 if i % 2 == 0 else 0)).desired for i in range(6)
+    ]
+    assert within_desired == [4] * 6
+    later = Simulation(config, current=0)
+    later_desired = [later.step(signals(visible=20 if i % 3 == 0 else 0)).desired for i in range(6)]
+    assert later_desired == [4, 4, 0, 4, 4, 0]
 
 
 @settings(deadline=None, database=None)
@@ -478,17 +533,24 @@ def test_idle_for_longer_than_the_window_ends_at_min_workers(
     busy = [sim.step(signals(visible=backlog, live_leases=live_leases)) for _ in range(busy_steps)]
     peak = busy[-1].desired
     assert peak == max(d.desired for d in busy)
+    # What the window holds: the recommendations for the backlog. The busy workers were a
+    # floor of each decision only; they are idle now.
+    held = busy[-1].recommendation
+    assert held is not None and held <= peak
     last_busy_at = sim.now - 60
 
-    for _ in range(int(window // 60) + 2):
+    for index in range(int(window // 60) + 2):
         at = sim.now
         decision = sim.step(signals())
         # The same comparison as the policy's, so float rounding agrees at the boundary.
         if at - window <= last_busy_at:
-            assert (decision.desired, decision.reason) == (
-                peak,
-                Reason.HOLD if peak == config.min_workers else Reason.STABILIZING,
-            )
+            if index == 0 and held < peak:
+                assert (decision.desired, decision.reason) == (held, Reason.SCALE_IN)
+            else:
+                assert (decision.desired, decision.reason) == (
+                    held,
+                    Reason.HOLD if held == config.min_workers else Reason.STABILIZING,
+                )
         else:
             assert decision.desired == config.min_workers
 
@@ -506,3 +568,153 @@ def test_module_imports_no_heavy_dependencies() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert completed.stdout.strip() == "[]"
+
+
+# -- expected steps and the wait target ----------------------------------------------------
+
+
+def test_expected_steps_count_as_backlog() -> None:
+    decision = run(signals(expected=12), 0)
+
+    assert (decision.desired, decision.reason) == (3, Reason.SCALE_FROM_ZERO)
+    assert decision.detail == (
+        "backlog 12 (visible 0, delayed 0, in flight 0, expected 12), 0 busy; "
+        "5 per worker -> 3 workers; scaling from zero to 3"
+    )
+
+
+def test_expected_steps_are_kept_in_the_window() -> None:
+    ahead = run(signals(in_flight=1, live_leases=1, expected=20), 1)
+    assert (ahead.desired, ahead.recommendation) == (5, 5)
+
+    # The fan-out is queued now: the workers started for it are not taken away.
+    launched = run(signals(visible=20, live_leases=0), 5, history=ahead.history, now=NOW + 20)
+    assert (launched.desired, launched.reason) == (5, Reason.STABILIZING)
+
+
+@pytest.mark.parametrize(
+    ("step_seconds", "due"),
+    [
+        (None, 25),  # no duration known yet: every expected step counts
+        (100.0, 20),  # due after 40 s of waiting: the runs waiting 50 and 45 s
+        (30.0, 25),  # shorter than the lead: due at once
+        (200.0, 0),
+    ],
+)
+def test_expected_soon_counts_the_steps_due_within_the_lead(
+    step_seconds: float | None, due: int
+) -> None:
+    expected = [ExpectedSteps(5, 10.0), ExpectedSteps(12, 50.0), ExpectedSteps(8, 45.0)]
+    assert expected_soon(expected, step_seconds=step_seconds, lead_seconds=60) == due
+
+
+def test_a_wait_target_gives_each_worker_what_its_slots_finish_in_time() -> None:
+    config = ScalingConfig(steps_per_worker=2, target_wait_seconds=60)
+
+    # 30 s steps: two running and four more finished within 60 s, six per worker.
+    assert per_worker(config, 30.0) == 6
+    decision = run(signals(visible=30, step_seconds=30.0), 1, config=config)
+    assert (decision.desired, decision.reason) == (5, Reason.SCALE_OUT)
+    assert "; 6 per worker (60 s wait target, 30 s steps) -> 5 workers;" in decision.detail
+
+    # Five-minute steps: no step waits behind another, one per slot.
+    assert per_worker(config, 300.0) == pytest.approx(2.4)
+    assert run(signals(visible=12, step_seconds=300.0), 0, config=config).desired == 5
+
+    # Durations unknown: the backlog target.
+    assert per_worker(config, None) == 5
+    assert run(signals(visible=12), 0, config=config).desired == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_wait_seconds": -1.0}, "target_wait_seconds must be 0 or more"),
+        ({"target_wait_seconds": float("nan")}, "target_wait_seconds"),
+        ({"scale_out_lead_seconds": -1.0}, "scale_out_lead_seconds must be 0 or more"),
+    ],
+)
+def test_invalid_outlook_config_raises(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ScalingConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_invalid_outlook_signals_raise() -> None:
+    with pytest.raises(ValueError, match="expected must be 0 or more, got -1"):
+        signals(expected=-1)
+    with pytest.raises(ValueError, match="step_seconds must be more than 0"):
+        signals(step_seconds=0.0)
+
+
+# -- never below the busy workers --------------------------------------------------------------
+
+
+outlook_signals = st.builds(
+    QueueSignals,
+    counts,
+    counts,
+    counts,
+    counts,
+    expected=st.integers(0, 2_000),
+    step_seconds=st.none() | st.floats(0.1, 3_600),
+)
+
+
+@st.composite
+def outlook_configs(draw: st.DrawFn) -> ScalingConfig:
+    base = draw(configs())
+    return ScalingConfig(
+        min_workers=base.min_workers,
+        max_workers=base.max_workers,
+        target_backlog_per_worker=base.target_backlog_per_worker,
+        steps_per_worker=base.steps_per_worker,
+        scale_in_stabilization_seconds=base.scale_in_stabilization_seconds,
+        target_wait_seconds=draw(st.none() | st.floats(0, 3_600)),
+        scale_out_lead_seconds=draw(st.floats(0, 600)),
+    )
+
+
+@settings(deadline=None, database=None)
+@given(
+    config=outlook_configs(),
+    readings=st.lists(outlook_signals, min_size=1, max_size=30),
+    gaps=st.lists(st.floats(0, 400), min_size=30, max_size=30),
+    start=st.integers(0, 60),
+)
+def test_the_policy_never_scales_below_the_busy_workers(
+    config: ScalingConfig,
+    readings: list[QueueSignals],
+    gaps: list[float],
+    start: int,
+) -> None:
+    """Over any run of evaluations, each carrying the history on: the count never drops
+    below the workers busy with leased steps (capped at max_workers), and what the window
+    keeps is the recommendation for the backlog alone, never the busy floor."""
+    history: tuple[Recommendation, ...] = ()
+    current, now = start, NOW
+    for reading, gap in zip(readings, gaps, strict=False):
+        decision = decide(reading, current=current, config=config, history=history, now=now)
+        if decision.reason is not Reason.UNREADABLE:
+            assert reading.live_leases is not None and decision.busy_workers is not None
+            busy = -(-reading.live_leases // config.steps_per_worker)
+            assert decision.busy_workers == busy
+            assert decision.desired >= min(busy, config.max_workers)
+            backlog = (
+                (reading.visible or 0)
+                + (reading.delayed or 0)
+                + (reading.in_flight or 0)
+                + reading.expected
+            )
+            each = per_worker(config, reading.step_seconds)
+            recommendation = decision.recommendation
+            assert recommendation is not None
+            assert config.min_workers <= recommendation <= config.max_workers
+            # Enough workers for the backlog (unless capped), and none more (unless raised).
+            if recommendation < config.max_workers:
+                assert recommendation * each >= backlog * (1 - 1e-9)
+            if recommendation > max(config.min_workers, 1):
+                assert (recommendation - 1) * each < backlog
+            # The window keeps the backlog's recommendation, never the busy floor.
+            assert decision.history[-1] == Recommendation(now, recommendation)
+        current, history = decision.desired, decision.history
+        now += gap

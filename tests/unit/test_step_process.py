@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from dagster_taskiq.messages import StepMessage
 from dagster_taskiq.worker.step_process import StepProcess, StepProcessDied
 
 
@@ -41,7 +42,7 @@ def test_a_dead_step_process_is_reaped_before_it_is_reported(peer_gone: bool) ->
     process = ExitingProcess()
     step_process = StepProcess(process=process, conn=conn)
     with pytest.raises(StepProcessDied) as died:
-        step_process.vet("step arguments")
+        step_process.vet(StepMessage.new("run", "step", 0, "step arguments", 60))
     assert died.value.exitcode == 17
     assert process.joined
     assert not step_process.alive

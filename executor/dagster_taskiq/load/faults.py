@@ -1,7 +1,9 @@
 """Fault injectors for the local stack: each does one real thing to real processes.
 
 - ``WorkerKiller``: SIGKILL to workers that are in the middle of a step (the ones holding
-  ECS task protection), as when a Fargate task is stopped or runs out of memory.
+  ECS task protection), as when a Fargate task is lost: the supervisor and its step
+  processes all at once (``kill_whole_worker``), so nothing of the worker is left to
+  give its step back.
 - ``WorkerNetwork``: the workers reach SQS and PostgreSQL through loopback TCP proxies
   that can cut every connection and refuse new ones: a network partition.
 - ``DuplicatingRelay``: moves each message from the queue the executor sends to, to the
@@ -15,6 +17,7 @@ Every fault is written down as a ``FaultMark``, for the picture and for ``verify
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -59,6 +62,46 @@ class FaultLog:
         return killed_pids(self.marks)
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, read from /proc (Linux); ``[pid]`` elsewhere."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return [pid]
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def kill_whole_worker(pid: int) -> list[int]:
+    """SIGKILL a worker's supervisor and every process under it in one sweep, as a lost
+    Fargate task dies: no part of it lives on to release a lease or give a message back.
+    Returns the pids signalled."""
+    tree = process_tree(pid)
+    # Stop them all first, so that none reacts to another's death, then kill.
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGSTOP)
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+    return tree
+
+
 class WorkerKiller:
     def __init__(self, pool: WorkerPool, log: FaultLog, *, seed: int = 0) -> None:
         self.pool = pool
@@ -84,7 +127,7 @@ class WorkerKiller:
             time.sleep(0.2)
         victims = self._rng.sample(busy, min(count, len(busy)))
         for pid in victims:
-            os.kill(pid, signal.SIGKILL)
+            kill_whole_worker(pid)
         for worker in list(self.pool.workers):
             if worker.process.pid in victims:
                 worker.process.wait(10)  # dead before the next kill chooses its victim

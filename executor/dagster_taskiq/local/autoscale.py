@@ -15,6 +15,7 @@ from typing import Any
 
 from dagster_taskiq.ledger import Ledger
 from dagster_taskiq.local.stack import LocalStack, WorkerPool
+from dagster_taskiq.migrations import ensure_schema
 from dagster_taskiq.queue import SqsQueue
 from dagster_taskiq.scaler import Evaluation, Scaler
 from dagster_taskiq.scaling import ScalingConfig
@@ -57,6 +58,8 @@ class LocalAutoscaler:
             service=LocalWorkerService(pool, f"local/{stack.queue_url.rsplit('/', 1)[-1]}"),
             config=config,
         )
+        # The local stack has the migrations; the scaler Lambda only checks.
+        ensure_schema(self.ledger, component="local autoscaler")
         self.scaler.ensure_schema()
         self.tick_seconds = tick_seconds
         self.on_evaluation = on_evaluation

@@ -42,9 +42,16 @@ def _owner(handler: BaseHTTPRequestHandler) -> Any:
     return handler.server.owner  # type: ignore[attr-defined]
 
 
-def _reply(handler: BaseHTTPRequestHandler, status: int, body: dict[str, Any]) -> None:
+def _reply(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> None:
     data = json.dumps(body).encode()
     handler.send_response(status)
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()
@@ -105,7 +112,18 @@ class _InvokeHandler(BaseHTTPRequestHandler):
         owner: LambdaEndpoint = _owner(self)
         function = owner.functions.get(match["name"])
         if function is None:
-            _reply(self, 404, {"Type": "User", "Message": f"Function not found: {match['name']}"})
+            # The header is where boto3 reads the error code from, as Lambda sends it.
+            _reply(
+                self,
+                404,
+                {"Type": "User", "Message": f"Function not found: {match['name']}"},
+                {"x-amzn-ErrorType": "ResourceNotFoundException"},
+            )
+            return
+        if invocation_type == "DryRun":
+            # As Lambda: the function exists and may be invoked; nothing runs (no body).
+            self.send_response(204)
+            self.end_headers()
             return
         owner.invocations.append((match["name"], payload))
         if invocation_type == "Event":

@@ -9,7 +9,13 @@ clock that builds datetimes, and a receive asks for the whole queue's attributes
 message counted again) once per message it looks at. With a thousand steps queued the
 emulator spent most of its time there and held back the runs it served. Two changes,
 with the same answers: the clock is read as a float, and the retention check reads
-the queue's retention period instead of all its attributes.
+the queue's retention period instead of all its attributes. A send, likewise, built all
+the queue's attributes (every message counted three times) once per message to read one
+setting, ContentBasedDeduplication: while a send runs, that setting is all it is given.
+
+moto's delete rebuilds the queue's list of messages without the lock its sends append
+under, so a message sent during a delete was lost, and of two deletes at once one
+brought the other's message back (delivered again). A delete now holds that lock.
 
 Every request, whatever the queue depth, also paid for two things SQS has no part in:
 moto's server listed its own package directory to find the request's service (a
@@ -60,9 +66,51 @@ def _is_message_valid_based_on_retention_period(
     return bool(retention_period + message.sent_timestamp / 1000 > time.time())
 
 
+_sending = threading.local()
+
+
+def _while_sending(send: Any) -> Any:
+    """``send`` (moto's send_message or send_message_batch) with the queue's attributes
+    cut down, in this thread, to the one a send reads."""
+
+    def sending(*args: Any, **kwargs: Any) -> Any:
+        _sending.active = True
+        try:
+            return send(*args, **kwargs)
+        finally:
+            _sending.active = False
+
+    return sending
+
+
+def _queue_attributes(full: Any) -> Any:
+    """moto's ``Queue.attributes``; within a send, only ContentBasedDeduplication, as the
+    whole would render it (a FIFO queue's, lower-case; a standard queue has none)."""
+
+    def attributes(queue: Any) -> dict[str, Any]:
+        if not getattr(_sending, "active", False):
+            return full.fget(queue)  # type: ignore[no-any-return]
+        if not queue.fifo_queue:
+            return {}
+        return {"ContentBasedDeduplication": str(queue.content_based_deduplication).lower()}
+
+    return property(attributes)
+
+
+def _locked_delete(delete: Any) -> Any:
+    """moto's ``Queue.delete_message``, under the lock a send appends under."""
+
+    def delete_message(queue: Any, receipt_handle: str) -> None:
+        with queue._messages_lock:
+            delete(queue, receipt_handle)
+
+    return delete_message
+
+
 def speed_up_moto() -> list[str]:
-    """Take the per-message clock and attribute work out of moto's SQS calls; returns
-    what was replaced (a moto without one of these names keeps its own)."""
+    """Take the per-message clock and attribute work out of moto's SQS calls, and lock
+    its deletes; returns what was replaced (a moto without one of these names keeps its
+    own)."""
     from moto import backends
     from moto.sqs import models
 
@@ -82,6 +130,14 @@ def speed_up_moto() -> list[str]:
             _is_message_valid_based_on_retention_period,
         ),
         (backends, "list_of_moto_modules", _list_of_moto_modules),
+        (models.SQSBackend, "send_message", _while_sending(models.SQSBackend.send_message)),
+        (
+            models.SQSBackend,
+            "send_message_batch",
+            _while_sending(models.SQSBackend.send_message_batch),
+        ),
+        (models.Queue, "attributes", _queue_attributes(models.Queue.attributes)),
+        (models.Queue, "delete_message", _locked_delete(models.Queue.delete_message)),
     )
     replaced = []
     for owner, name, replacement in replacements:

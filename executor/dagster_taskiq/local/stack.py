@@ -12,6 +12,7 @@ The same code paths as in AWS; only the endpoints differ.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from dagster_taskiq.local.component_logs import component_logs, log_dead_letter, log_evaluation
 from dagster_taskiq.local.endpoints import LambdaEndpoint, TaskProtectionAgent
 from dagster_taskiq.queue import create_queue_with_dlq, sqs_client
 from dagster_taskiq.settings import (
@@ -37,7 +39,10 @@ from dagster_taskiq.settings import (
     ENV_ALERT_TOPIC_ARN,
     ENV_CODE_LOCATIONS,
     ENV_DATABASE_URL,
+    ENV_DLQ_URL,
     ENV_ENDPOINT_URL,
+    ENV_LOCAL_STACK,
+    ENV_PRIORITY_QUEUE_URL,
     ENV_QUEUE_URL,
     ENV_REGION,
     ENV_SCALER_FUNCTION,
@@ -54,6 +59,10 @@ REGION = "us-east-1"
 # moto accepts any credentials; these are not secrets.
 EMULATOR_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"}
 DATABASE_NAME = "dagster_taskiq"
+# Under the stack's root, for the operations commands in other processes: the stack's
+# environment, and one state file per worker pool.
+STACK_ENV_FILE = "stack.env"
+POOLS_DIR = "pools"
 
 
 class EmbeddedPostgres:
@@ -213,6 +222,8 @@ class LocalStack:
             "AWS_ENDPOINT_URL_SQS": self.sqs_endpoint,
             "DAGSTER_HOME": str(self.dagster_home),
             ENV_QUEUE_URL: self.queue_url,
+            ENV_DLQ_URL: self.dlq_url,
+            ENV_LOCAL_STACK: str(self.root),
             ENV_DATABASE_URL: self.database_url,
             ENV_ENDPOINT_URL: self.sqs_endpoint,
             ENV_REGION: REGION,
@@ -226,6 +237,14 @@ class LocalStack:
 
     def apply_env(self) -> None:
         os.environ.update(self.env())
+
+    def write_env_file(self) -> Path:
+        """``stack.env`` under the root: with $DAGSTER_TASKIQ_LOCAL_STACK naming the root,
+        ``dagster-taskiq status`` (and runs, dlq, logs) in another shell finds this stack.
+        Nothing secret: the emulator takes any credentials, the database is on loopback."""
+        path = self.root / STACK_ENV_FILE
+        path.write_text("".join(f"{key}={value}\n" for key, value in sorted(self.env().items())))
+        return path
 
     def add_queue(
         self,
@@ -255,17 +274,34 @@ class LocalStack:
         """Size ``pool`` with the scaling policy; the executor's trigger reaches it too."""
         from dagster_taskiq.local.autoscale import LOCAL_SCALER_FUNCTION, LocalAutoscaler
 
-        autoscaler = LocalAutoscaler(self, pool, config, **kwargs)
+        caller_callback = kwargs.pop("on_evaluation", None)
+
+        def on_evaluation(evaluation: Any, cause: str) -> None:
+            log_evaluation(evaluation, cause)  # logs/scaler.log, as the Lambda logs it
+            if caller_callback is not None:
+                caller_callback(evaluation, cause)
+
+        autoscaler = LocalAutoscaler(self, pool, config, on_evaluation=on_evaluation, **kwargs)
         self.lambda_endpoint.register(LOCAL_SCALER_FUNCTION, autoscaler.invoke)
         self.scaler_function = LOCAL_SCALER_FUNCTION
         self.autoscalers.append(autoscaler)
+        self.write_env_file()
+        pool.scaler_service = autoscaler.scaler.service.name
+        pool.publish()
         return autoscaler.start()
 
     def process_dead_letters(self, **kwargs: Any) -> LocalDeadLetters:
         """Run the DLQ processor on this stack's dead-letter queue."""
         from dagster_taskiq.local.dead_letters import LocalDeadLetters
 
-        consumer = LocalDeadLetters(self, **kwargs)
+        caller_callback = kwargs.pop("on_result", None)
+
+        def on_result(result: Any) -> None:
+            log_dead_letter(result)  # logs/dlq-processor.log
+            if caller_callback is not None:
+                caller_callback(result)
+
+        consumer = LocalDeadLetters(self, on_result=on_result, **kwargs)
         self.dead_letter_consumers.append(consumer)
         return consumer.start()
 
@@ -287,6 +323,7 @@ def local_stack(
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dagster-taskiq-")))
         root.mkdir(parents=True, exist_ok=True)
         (root / "logs").mkdir(exist_ok=True)
+        stack.enter_context(component_logs(root / "logs"))
         postgres = None
         if database_url is None:
             postgres = stack.enter_context(embedded_postgres_server(root / "pgdata"))
@@ -327,6 +364,7 @@ def local_stack(
             lambda_endpoint=lambda_endpoint,
             postgres=postgres,
         )
+        local.write_env_file()
         try:
             yield local
         finally:
@@ -372,6 +410,7 @@ class WorkerPool:
         self.protection = protection
         self.workers: list[LocalWorker] = []
         self.retiring: list[LocalWorker] = []
+        self.scaler_service: str | None = None  # the name the local scaler records it under
         self._started = 0
         self._lock = threading.RLock()
 
@@ -411,6 +450,7 @@ class WorkerPool:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         worker = LocalWorker(name, process)
         self.workers.append(worker)
+        self.publish()
         return worker
 
     def scale_to(self, count: int, *, wait: bool = True) -> None:
@@ -423,6 +463,7 @@ class WorkerPool:
                 self.workers.remove(victim)
                 victim.process.send_signal(signal.SIGTERM)
                 self.retiring.append(victim)
+            self.publish()
         if wait:
             self._reap(block=True)
 
@@ -433,6 +474,8 @@ class WorkerPool:
             for worker in dead:
                 self.workers.remove(worker)
                 self._start_one()
+            if dead:
+                self.publish()
         return len(dead)
 
     def _choose_victim(self) -> LocalWorker:
@@ -453,6 +496,7 @@ class WorkerPool:
                     worker.process.wait()
             if worker.process.poll() is not None:
                 self.retiring.remove(worker)
+                self.publish()
 
     def stop(self) -> None:
         with self._lock:
@@ -461,7 +505,48 @@ class WorkerPool:
                     worker.process.send_signal(signal.SIGTERM)
             self.retiring.extend(self.workers)
             self.workers = []
+            self.publish()
         self._reap(block=True)
+
+    def queue_urls(self) -> list[str]:
+        """The queues this pool's workers read: their --queue-url and --priority-queue-url
+        arguments, else the stack's environment."""
+        urls: list[str] = []
+        for flag, value in zip(self.extra_args, self.extra_args[1:], strict=False):
+            if flag in ("--queue-url", "--priority-queue-url"):
+                urls.append(value)
+        if urls:
+            return urls
+        env = {**self.stack.env(), **self.extra_env}
+        return [
+            url.strip()
+            for name in (ENV_QUEUE_URL, ENV_PRIORITY_QUEUE_URL)
+            for url in env.get(name, "").split(",")
+            if url.strip()
+        ]
+
+    def publish(self) -> None:
+        """Write the pool's state to ``pools/<name>.json`` under the stack's root, for the
+        operations commands, which run in other processes (as ECS's describe_services)."""
+        with self._lock:
+            state = {
+                "name": self.name,
+                "queue_urls": self.queue_urls(),
+                "desired": self.target,
+                "scaler_service": self.scaler_service,
+                "workers": [
+                    {"name": w.name, "pid": w.process.pid, "log": f"{w.name}.log"}
+                    for w in self.workers + self.retiring
+                    if w.process.poll() is None
+                ],
+            }
+            directory = self.stack.root / POOLS_DIR
+            directory.mkdir(exist_ok=True)
+            path = directory / f"{self.name}.json"
+            # Replaced whole, so that a reader never sees half a file.
+            scratch = path.with_suffix(".json.tmp")
+            scratch.write_text(json.dumps(state, indent=2))
+            os.replace(scratch, path)
 
     def logs(self) -> str:
         chunks = []

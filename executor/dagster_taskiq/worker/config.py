@@ -7,8 +7,15 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+from dagster_taskiq.messages import DEFAULT_MAX_STEP_ARGS_BYTES
 from dagster_taskiq.routing import DEFAULT_PRIORITY_RATIO
 from dagster_taskiq.settings import DEFAULT_MAX_MESSAGE_BYTES
+
+# How step processes start: forked from a preloaded fork server, or spawned (each imports
+# Dagster and the code locations itself; see worker/fork_server.py).
+STEP_PROCESS_FORK_SERVER = "fork-server"
+STEP_PROCESS_SPAWN = "spawn"
+STEP_PROCESS_STARTS = (STEP_PROCESS_FORK_SERVER, STEP_PROCESS_SPAWN)
 
 
 def default_worker_id() -> str:
@@ -46,7 +53,10 @@ class WorkerSettings:
     endpoint_url: str | None = None
     concurrency: int = 2
     signing_key: str | None = None
+    # Read into signing_key when the worker starts (see worker.run).
+    signing_key_secret_arn: str | None = None
     max_steps_per_process: int = 1000
+    step_process_start: str = STEP_PROCESS_FORK_SERVER
     wait_seconds: int = 20
     # How long a received message stays hidden before its first heartbeat, a third of
     # this after the claim, hides it for the step's lease. Short, so that a message
@@ -54,6 +64,8 @@ class WorkerSettings:
     receive_visibility_seconds: int = 15
     stop_timeout: float = 100.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # The most a message's compressed step arguments may inflate to (see messages.decode).
+    max_step_args_bytes: int = DEFAULT_MAX_STEP_ARGS_BYTES
     # Heartbeats run every lease/3, but at least this often, so a cancel lands quickly.
     max_heartbeat_interval: float = 10.0
     # Seconds a cancelled step gets to stop after its interrupt before it is killed.
@@ -69,6 +81,8 @@ class WorkerSettings:
         overlap = set(self.queue_urls) & set(self.priority_queue_urls)
         if overlap:
             raise ValueError(f"a queue cannot be both normal and priority: {sorted(overlap)}")
+        if self.step_process_start not in STEP_PROCESS_STARTS:
+            raise ValueError(f"step processes start by one of {STEP_PROCESS_STARTS}")
 
     @property
     def all_queue_urls(self) -> tuple[str, ...]:

@@ -13,6 +13,10 @@ first, because a message can be delivered again after its attempt already ended:
 A takeover (an earlier delivery started the attempt and lost its lease) re-executes the
 same attempt and says so in an engine event naming the lost worker and the delivery.
 
+What is loaded is the run's own code origin, so that is what the code-location
+allow-list judges wherever the job could be loaded (read ahead, executed), and the
+message's step arguments must be for that run, that step and that same origin.
+
 The step process reads a message's run and builds the step's plan while the supervisor
 claims the message (``read_ahead``): the claim's round trip to the ledger and these reads
 overlap instead of following each other on every step's way in.
@@ -43,9 +47,14 @@ from dagster_shared.record import copy
 from dagster_taskiq.attempts import AttemptOutcome, attempt_outcome
 from dagster_taskiq.worker.attempt_context import StepAttempt, set_current_attempt
 from dagster_taskiq.worker.config import CodeLocation
-from dagster_taskiq.worker.origins import origin_allowed
-from dagster_taskiq.worker.plans import PlanCache, RunPlan, reuse_resolved_run_config
-from dagster_taskiq.worker.tasks import Outcome, StepResult, StepTask, Vetting
+from dagster_taskiq.worker.origins import origin_allowed, quoted
+from dagster_taskiq.worker.plans import (
+    OriginRefused,
+    PlanCache,
+    RunPlan,
+    reuse_resolved_run_config,
+)
+from dagster_taskiq.worker.tasks import Outcome, StepResult, StepTask, VetRequest, Vetting
 
 __all__ = [
     "Outcome",
@@ -54,6 +63,7 @@ __all__ = [
     "StepTask",
     "Vetting",
     "execute",
+    "load_refusal",
     "load_step_args",
     "read_ahead",
     "vet",
@@ -64,7 +74,9 @@ __all__ = [
 READ_AHEAD_FRESH_SECONDS = 1.0
 
 
-@functools.lru_cache(maxsize=4)  # vetted, then read ahead and executed: one deserialization
+# Vetted, then read ahead and executed: one deserialization. One entry: a step process
+# handles one message at a time, and arguments can be megabytes.
+@functools.lru_cache(maxsize=1)
 def load_step_args(step_args: str) -> ExecuteStepArgs:
     args = deserialize_value(step_args, ExecuteStepArgs)
     keys = args.step_keys_to_execute or []
@@ -75,14 +87,49 @@ def load_step_args(step_args: str) -> ExecuteStepArgs:
     return copy(args, instance_ref=None, should_verify_step=False)
 
 
-def vet(step_args: str, locations: tuple[CodeLocation, ...]) -> Vetting:
-    """Read a message's step arguments before it is claimed: malformed ones are never
-    executed, and a job from outside the worker's code locations is refused."""
+def vet(request: VetRequest, locations: tuple[CodeLocation, ...]) -> Vetting:
+    """Read a message's step arguments before it is claimed: malformed ones, or ones for
+    another run or step than the message's, are never executed, and a job from outside
+    the worker's code locations is refused. Never raises: whatever a message holds, the
+    answer is a Vetting."""
     try:
-        args = load_step_args(step_args)
+        return _vet(request, locations)
+    except Exception as e:
+        return Vetting(malformed=f"step arguments could not be vetted: {type(e).__name__}: {e}")
+
+
+def _vet(request: VetRequest, locations: tuple[CodeLocation, ...]) -> Vetting:
+    try:
+        args = load_step_args(request.step_args)
     except Exception as e:
         return Vetting(malformed=f"step arguments do not deserialize: {e}")
+    if args.run_id != request.run_id:
+        return Vetting(
+            malformed=f"step arguments are for run {quoted(args.run_id)}, not for the "
+            f"message's run {quoted(request.run_id)}"
+        )
+    step_keys = list(args.step_keys_to_execute or [])
+    if step_keys != [request.step_key]:
+        return Vetting(
+            malformed=f"step arguments are for steps {quoted(step_keys)}, not for the "
+            f"message's step {quoted(request.step_key)}"
+        )
     return Vetting(refusal=origin_allowed(args.job_origin, locations))
+
+
+def load_refusal(run: DagsterRun, args: ExecuteStepArgs, plans: PlanCache) -> str | None:
+    """Why the job of ``run`` must not be loaded for these step arguments, or None.
+
+    The job is loaded from the run's own origin, so that origin is the one the allow-list
+    judges; step arguments that name another origin (or another run) are not this run's.
+    """
+    refusal = plans.refusal(run)
+    if refusal is None and (args.run_id != run.run_id or args.job_origin != run.job_code_origin):
+        refusal = (
+            f"Refused: the step arguments name another run or code origin than run "
+            f"{run.run_id}'s own."
+        )
+    return refusal
 
 
 @dataclass(frozen=True)
@@ -112,7 +159,7 @@ def read_ahead(instance: DagsterInstance, step_args: str, plans: PlanCache) -> R
         args = load_step_args(step_args)
         run = instance.get_run_by_id(args.run_id)
         plan = None
-        if run is not None and not run.is_finished and run.job_code_origin is not None:
+        if run is not None and not run.is_finished and load_refusal(run, args, plans) is None:
             _prepare_environment(instance, run)
             plan = plans.step_plan(
                 instance, run, list(args.step_keys_to_execute or []), args.known_state
@@ -152,6 +199,9 @@ def execute(
             f"Run {message.run_id} is not in this worker's Dagster instance: the worker and "
             "the run must share instance storage (DAGSTER_HOME / dagster.yaml).",
         )
+    refusal = load_refusal(run, args, plans)
+    if refusal is not None:
+        return result(Outcome.FAILED, False, refusal)
     # First the ending: an attempt that ended before its worker died is recorded as it
     # ended, even when the run has finished since. Only an attempt that was claimed before
     # (a takeover, a step given back) or delivered before can have one: the first claim of
@@ -226,8 +276,9 @@ def step_events(
     step_keys = list(args.step_keys_to_execute or [])
     single_step_key = step_keys[0] if len(step_keys) == 1 else None
     try:
-        if run.job_code_origin is None:
-            raise ValueError(f"Run with id '{args.run_id}' does not include an origin.")
+        refusal = load_refusal(run, args, plans)
+        if refusal is not None:  # checked by ``execute`` already; here so none can skip it
+            raise OriginRefused(refusal)
         if plan is None:  # read ahead: the environment was prepared then
             _prepare_environment(instance, run)
 

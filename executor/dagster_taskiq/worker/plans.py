@@ -20,7 +20,9 @@ as Dagster's ``ExecutionPlan.build`` makes it:
   retried step, the outputs an input loads), is the step's own, never a cached one.
 
 The cache is small and bounded (a worker runs the steps of a few runs at a time);
-the least recently used run is dropped first.
+the least recently used run is dropped first. It loads a run's job from the run's own code
+origin, so that is the origin it checks against the worker's code locations, before
+anything is imported.
 
 Dagster's step context creation resolves the run config once more
 (``create_context_creation_data``), again for every op of the job. While a step runs,
@@ -52,7 +54,14 @@ from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster._utils.hosted_user_process import recon_job_from_origin
 
+from dagster_taskiq.worker.config import CodeLocation
+from dagster_taskiq.worker.origins import origin_allowed
+
 DEFAULT_CACHED_PLANS = 8
+
+
+class OriginRefused(Exception):
+    """The run's job is not from one of the worker's code locations: never loaded."""
 
 
 @dataclass(frozen=True)
@@ -119,9 +128,13 @@ def reuse_resolved_run_config(run_plan: RunPlan) -> Iterator[None]:
 
 
 class PlanCache:
-    """The whole-job plans of the last few runs this process executed steps of."""
+    """The whole-job plans of the last few runs this process executed steps of, for jobs
+    from ``locations`` only."""
 
-    def __init__(self, size: int = DEFAULT_CACHED_PLANS) -> None:
+    def __init__(
+        self, locations: tuple[CodeLocation, ...], size: int = DEFAULT_CACHED_PLANS
+    ) -> None:
+        self.locations = locations
         self.size = size
         self._plans: OrderedDict[tuple[str, str], RunPlan] = OrderedDict()
         self.hits = 0
@@ -132,6 +145,12 @@ class PlanCache:
 
     def clear(self) -> None:
         self._plans.clear()
+
+    def refusal(self, run: DagsterRun) -> str | None:
+        """Why the job of ``run`` must not be loaded here, or None."""
+        if run.job_code_origin is None:
+            return f"Refused: run {run.run_id} has no code origin to load its job from."
+        return origin_allowed(run.job_code_origin, self.locations)
 
     def step_plan(
         self,
@@ -145,6 +164,9 @@ class PlanCache:
         key = (run.run_id, _mappings_key(known_state))
         run_plan = self._plans.get(key)
         if run_plan is None:
+            refusal = self.refusal(run)
+            if refusal is not None:
+                raise OriginRefused(refusal)
             self.misses += 1
             run_plan = _build(instance, run, known_state)
             self._plans[key] = run_plan

@@ -7,7 +7,7 @@ import os
 
 from dagster_taskiq.ledger import Ledger
 from dagster_taskiq.queue import sqs_queues
-from dagster_taskiq.settings import ENV_DATABASE_URL, ConfigurationError
+from dagster_taskiq.settings import ENV_DATABASE_URL, ConfigurationError, signing_key
 from dagster_taskiq.settings import database_url as resolve_database_url
 from dagster_taskiq.worker.config import WorkerSettings
 from dagster_taskiq.worker.supervisor import Worker
@@ -33,7 +33,12 @@ def run_worker(settings: WorkerSettings) -> int:
             f"No ledger database: pass --database-url or set {ENV_DATABASE_URL}, or give the "
             "worker a Dagster instance with dagster-postgres storage (DAGSTER_HOME)."
         )
-    settings = dataclasses.replace(settings, database_url=database_url)
+    settings = dataclasses.replace(
+        settings,
+        database_url=database_url,
+        signing_key=signing_key(settings.signing_key, settings.signing_key_secret_arn),
+        signing_key_secret_arn=None,
+    )
     queues = sqs_queues(
         settings.all_queue_urls, region=settings.region, endpoint_url=settings.endpoint_url
     )

@@ -6,6 +6,10 @@ message is claimed, a VetRequest in, a Vetting out (the supervisor itself does n
 Dagster, which reads the step arguments). SIGINT
 interrupts the running step (cancellation); SIGKILL ends it without a word (lease lost,
 shutdown release), so that no ending is written for an attempt another worker will run.
+
+A step process is forked from the worker's fork server, which has imported all that
+already (``worker/fork_server.py``), or spawned, and then imports it itself. Either way
+it is the supervisor's child, and makes its own Dagster instance and connections.
 """
 
 from __future__ import annotations
@@ -23,7 +27,15 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from dagster_taskiq.messages import StepMessage
 from dagster_taskiq.worker.config import CodeLocation
+from dagster_taskiq.worker.fork_server import (
+    STEP_PROCESS_NAME,
+    ForkedProcess,
+    ForkRefused,
+    ForkServer,
+    set_process_name,
+)
 from dagster_taskiq.worker.tasks import StepResult, StepTask, VetRequest, Vetting
 
 _spawn = multiprocessing.get_context("spawn")
@@ -45,6 +57,8 @@ def _die_with_parent(parent_pid: int) -> None:
         # The kernel sends SIGKILL the instant the parent dies.
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:
+            os._exit(70)  # it died before prctl
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
 
 
@@ -56,7 +70,66 @@ def _exit_with_parent(parent_pid: int) -> None:
         time.sleep(0.5)
 
 
-def _preload(locations: tuple[CodeLocation, ...]) -> None:
+# What Dagster imports on its way to a step's first event, but not with ``import dagster``
+# (the modules a first step added to ``sys.modules``). Imported before a step process is
+# forked, they are shared, and a new step process does not wait for them.
+LAZY_IMPORTS = (
+    "dagster._core.instance.factory",
+    "dagster._core.secrets.env_file",
+    "dagster._core.secrets.loader",
+    "dagster._core.definitions.repository_definition.repository_data_builder",
+    "dagster._core.storage.sqlite_storage",
+    "dagster._core.system_config.composite_descent",
+    "dagster._core.utility_ops",
+    "dagster._core.workspace.autodiscovery",
+    "dagster._utils.temp_file",
+    "dagster._utils.test.definitions",
+    "upath.core",  # the paths of the artifact storage and the filesystem IO manager
+)
+
+
+def preload() -> Any:
+    """What a step process imports before its first step, but for the code locations:
+    Dagster, the instance's storage classes, this package's step-running modules. Returns
+    the instance's configuration read from DAGSTER_HOME (an InstanceRef), or None."""
+    import importlib
+
+    import dagster  # noqa: F401
+    from dagster._utils import interrupts  # noqa: F401
+
+    from dagster_taskiq.worker import compute_logs, execution, plans, storage  # noqa: F401
+
+    for name in LAZY_IMPORTS:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    return _instance_ref()
+
+
+def _instance_ref() -> Any:
+    # The instance's configuration, and the classes of its storage, run launcher, etc.
+    # (dagster-postgres and its driver): imported, not instantiated, which would connect.
+    import importlib
+
+    from dagster._core.instance.ref import InstanceRef
+    from dagster._serdes import ConfigurableClassData
+
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        return None
+    try:
+        ref = InstanceRef.from_dir(home)
+        for data in ref._asdict().values():
+            if isinstance(data, ConfigurableClassData):
+                importlib.import_module(data.module_name)
+        if "dagster_postgres" in sys.modules:
+            for name in ("sqlalchemy.dialects.postgresql.psycopg2", "psycopg2.extras"):
+                importlib.import_module(name)
+    except Exception:
+        return None  # DagsterInstance.get() in the step process says what is wrong
+    return ref
+
+
+def preload_code_locations(locations: tuple[CodeLocation, ...]) -> None:
     import importlib
 
     from dagster._core.code_pointer import load_python_file
@@ -71,16 +144,46 @@ def _preload(locations: tuple[CodeLocation, ...]) -> None:
             print(f"dagster-taskiq: could not preload code location {location.target}: {e}")
 
 
+def answer_vet(request: VetRequest, locations: tuple[CodeLocation, ...]) -> Vetting:
+    """The step process's answer to a VetRequest. Whatever the message holds, it is an
+    answer (a malformed one at worst), never the end of the step process: a message that
+    killed it would do so again on each of its deliveries, unrecorded."""
+    from dagster_taskiq.worker.execution import vet
+
+    try:
+        return vet(request, locations)
+    except Exception as e:
+        return Vetting(malformed=f"step arguments could not be vetted ({type(e).__name__})")
+
+
 def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...]) -> None:
+    """A spawned step process."""
+    run_step_process(conn, parent_pid, locations, imported=False)
+
+
+def run_step_process(
+    conn: Connection,
+    parent_pid: int,
+    locations: tuple[CodeLocation, ...],
+    *,
+    imported: bool = True,
+    instance_ref: Any = None,
+) -> None:
+    """The step process, once it runs its own interpreter (spawned) or is forked from the
+    fork server (``imported``: Dagster and the code locations are there already)."""
     _die_with_parent(parent_pid)
     # SIGTERM goes to the supervisor, which decides when steps stop.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    set_process_name(STEP_PROCESS_NAME)
+    if not imported:
+        instance_ref = preload()
+        preload_code_locations(locations)
 
     from dagster import DagsterInstance
     from dagster._utils.interrupts import capture_interrupts, pop_captured_interrupt
 
     from dagster_taskiq.worker.compute_logs import mirror_with_threads
-    from dagster_taskiq.worker.execution import ReadAhead, execute, read_ahead, vet
+    from dagster_taskiq.worker.execution import ReadAhead, execute, read_ahead
     from dagster_taskiq.worker.plans import PlanCache
     from dagster_taskiq.worker.storage import (
         keep_connections,
@@ -90,11 +193,11 @@ def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...])
 
     ride_out_database_outages()
     mirror_with_threads()
-    instance = DagsterInstance.get()
+    # Read from DAGSTER_HOME by ``preload`` (DagsterInstance.get() reads it the same way).
+    instance = DagsterInstance.from_ref(instance_ref) if instance_ref else DagsterInstance.get()
     keep_connections(instance)
     rewrite_cut_events(instance)
-    _preload(locations)
-    plans = PlanCache()
+    plans = PlanCache(locations)
     ahead: ReadAhead | None = None
     conn.send("ready")
     with capture_interrupts():
@@ -106,7 +209,7 @@ def main(conn: Connection, parent_pid: int, locations: tuple[CodeLocation, ...])
             if task is None:
                 return
             if isinstance(task, VetRequest):
-                vetting = vet(task.step_args, locations)
+                vetting = answer_vet(task, locations)
                 conn.send(vetting)
                 # While the supervisor claims the message: its run and its step's plan.
                 accepted = vetting.malformed is None and vetting.refusal is None
@@ -124,21 +227,41 @@ class StepProcess:
     process: Any
     conn: Connection
     steps_run: int = 0
+    started_by: str = "spawn"  # or "fork-server"
+    ready_seconds: float = 0.0  # from the request to its "ready"
 
     @classmethod
     def start(
-        cls, locations: tuple[CodeLocation, ...], *, ready_timeout: float = 120.0
+        cls,
+        locations: tuple[CodeLocation, ...],
+        *,
+        ready_timeout: float = 120.0,
+        fork_server: ForkServer | None = None,
     ) -> StepProcess:
+        """A step process, ready for a step: forked from ``fork_server`` unless it refuses
+        this worker's code (then spawned); raises StepProcessDied or OSError."""
+        requested = time.monotonic()
         parent_conn, child_conn = _spawn.Pipe()
-        process = _spawn.Process(
-            target=main,
-            args=(child_conn, os.getpid(), locations),
-            name="dagster-taskiq-step",
-            daemon=True,
-        )
-        process.start()
-        child_conn.close()
-        handle = cls(process=process, conn=parent_conn)
+        process: Any = None
+        try:
+            if fork_server is not None and fork_server.refusal is None:
+                with contextlib.suppress(ForkRefused):
+                    process = fork_server.fork(child_conn.fileno())
+            if process is None:
+                process = _spawn.Process(
+                    target=main,
+                    args=(child_conn, os.getpid(), locations),
+                    name="dagster-taskiq-step",
+                    daemon=True,
+                )
+                process.start()
+        except BaseException:
+            parent_conn.close()
+            raise
+        finally:
+            child_conn.close()
+        started_by = "fork-server" if isinstance(process, ForkedProcess) else "spawn"
+        handle = cls(process=process, conn=parent_conn, started_by=started_by)
         ready = multiprocessing.connection.wait([parent_conn, process.sentinel], ready_timeout)
         if parent_conn not in ready:
             handle.kill()
@@ -147,6 +270,7 @@ class StepProcess:
             parent_conn.recv()
         except EOFError as e:
             raise handle._died() from e
+        handle.ready_seconds = time.monotonic() - requested
         return handle
 
     @property
@@ -159,9 +283,10 @@ class StepProcess:
         result: StepResult = self._ask(task)
         return result
 
-    def vet(self, step_args: str) -> Vetting:
+    def vet(self, message: StepMessage) -> Vetting:
         """Have the step process read a message's step arguments; raises StepProcessDied."""
-        vetting: Vetting = self._ask(VetRequest(step_args))
+        request = VetRequest(message.step_args, run_id=message.run_id, step_key=message.step_key)
+        vetting: Vetting = self._ask(request)
         return vetting
 
     def _ask(self, request: StepTask | VetRequest) -> Any:
@@ -192,7 +317,9 @@ class StepProcess:
         self.process.join(10)
 
     def _signal(self, sig: int) -> None:
-        if self.process.is_alive():
+        if isinstance(self.process, ForkedProcess):
+            self.process.send_signal(sig)  # through its pidfd: never to a reused pid
+        elif self.process.is_alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 
@@ -203,6 +330,8 @@ class StepProcess:
         if self.process.is_alive():
             self.kill()
         self.conn.close()
+        if isinstance(self.process, ForkedProcess):
+            self.process.close()
 
     @property
     def alive(self) -> bool:

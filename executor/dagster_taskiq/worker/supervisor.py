@@ -17,6 +17,7 @@ reach the dead-letter queue.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import queue as stdlib_queue
 import signal
@@ -30,12 +31,19 @@ from types import FrameType
 from aws_lambda_powertools import Logger
 
 from dagster_taskiq.ledger import Claim, ClaimOutcome, Ledger, LedgerUnavailable
-from dagster_taskiq.messages import MessageRejected, StepMessage, decode, peek_key
+from dagster_taskiq.messages import MessageRejected, StepMessage, decode, peek_key, safe_text
 from dagster_taskiq.observability import MetricUnit, emit_metric
 from dagster_taskiq.queue import QueueUnavailable, ReceivedMessage, SqsQueue
 from dagster_taskiq.routing import poll_order
-from dagster_taskiq.worker.config import WorkerSettings
-from dagster_taskiq.worker.heartbeat import Heartbeat, Lease, LeaseState
+from dagster_taskiq.worker.config import STEP_PROCESS_FORK_SERVER, WorkerSettings
+from dagster_taskiq.worker.fork_server import ForkServer
+from dagster_taskiq.worker.heartbeat import (
+    VISIBILITY_MARGIN,
+    Heartbeat,
+    Lease,
+    LeaseState,
+    lease_within,
+)
 from dagster_taskiq.worker.protection import ENV_AGENT_URI, TaskProtection
 from dagster_taskiq.worker.step_process import StepProcess, StepProcessDied
 from dagster_taskiq.worker.tasks import Outcome, StepResult, StepTask, Vetting
@@ -45,6 +53,11 @@ GIVE_BACK_DELAY = 5  # seconds a step given back after a fault stays hidden
 # it (a ledger write and an SQS delete) competes with the hand-over's receive and claim,
 # which the next step waits for; the ending waits for nothing but its lease.
 HAND_OVER_FIRST_SECONDS = 0.05
+# A claim's lease is capped by the receive's visibility (see ``heartbeat``). A message
+# left with less than this before it may be seen again is hidden for its lease first.
+MIN_CLAIM_LEASE_SECONDS = 3.0
+# What a log line keeps of a value taken from a message (or an error quoting one).
+LOG_TEXT_CHARS = 1000
 
 
 class Backoff:
@@ -107,18 +120,24 @@ class Slot:
 
     def _ensure_process(self) -> None:
         settings = self.worker.settings
+        reason = "first"
         if self.process is not None and (
             not self.process.alive or self.process.steps_run >= settings.max_steps_per_process
         ):
+            reason = "replaced" if not self.process.alive else "recycled"
             self.process.stop()  # recycled to bound memory, or dead
             self.process = None
         backoff = Backoff()
         while self.process is None and not self.worker.stopping.is_set():
             try:
-                self.process = StepProcess.start(settings.code_locations)
+                self.process = StepProcess.start(
+                    settings.code_locations, fork_server=self.worker.fork_server
+                )
             except (StepProcessDied, OSError) as e:
                 self.worker.log.error("Could not start a step process", extra={"error": str(e)})
                 backoff.wait(self.worker.stopping)
+            else:
+                self.worker.step_process_ready(self.process, reason)
 
     def handed_over(self) -> None:
         """The next step is on its way to the process: the last ending may be recorded."""
@@ -166,6 +185,12 @@ class Worker:
         self.slots = [Slot(i, self) for i in range(settings.concurrency)]
         self._idle: stdlib_queue.Queue[Slot] = stdlib_queue.Queue()
         self._recorder = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="recorder")
+        self.fork_server = (
+            ForkServer(settings.code_locations)
+            if settings.step_process_start == STEP_PROCESS_FORK_SERVER
+            else None
+        )
+        self._spawn_told = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -203,7 +228,7 @@ class Worker:
         backoff = Backoff()
         while not self.stopping.is_set():
             try:
-                self.ledger.ensure_schema()
+                self._ensure_schema()
                 return True
             except LedgerUnavailable as e:
                 delay = backoff.next
@@ -212,6 +237,16 @@ class Worker:
                 )
                 backoff.wait(self.stopping)
         return False
+
+    def _ensure_schema(self) -> None:
+        """Refuse a newer ledger schema; bring an older one up. Alembic (11 MB) is imported
+        only to upgrade, which a worker of a new release does once, not for every check."""
+        if self.ledger.schema_state().needs_upgrade:
+            from dagster_taskiq.migrations import ensure_schema
+
+            ensure_schema(self.ledger, component="worker")
+        else:
+            self.ledger.check_schema(component="worker")
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.settings.stop_timeout
@@ -231,7 +266,26 @@ class Worker:
         wait_for_futures(recordings, timeout=30)
         self._recorder.shutdown(wait=False)
         self.heartbeat.stop()
+        if self.fork_server is not None:
+            self.fork_server.stop()
         self.log.info("Worker stopped")
+
+    def step_process_ready(self, process: StepProcess, reason: str) -> None:
+        fork_server = self.fork_server
+        if fork_server is not None and fork_server.refusal and not self._spawn_told:
+            self._spawn_told = True
+            self.log.warning(
+                "Step processes are spawned, not forked", extra={"reason": fork_server.refusal}
+            )
+        self.log.info(
+            "Step process ready",
+            extra={
+                "pid": process.pid,
+                "start": reason,  # first, recycled or replaced
+                "started_by": process.started_by,
+                "ready_ms": round(process.ready_seconds * 1000, 1),
+            },
+        )
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -336,6 +390,7 @@ class Worker:
                 received.body,
                 signing_key=settings.signing_key,
                 max_bytes=settings.max_message_bytes,
+                max_step_args_bytes=settings.max_step_args_bytes,
             )
         except MessageRejected as e:
             self._reject(received, e.reason, e.detail)
@@ -344,7 +399,7 @@ class Worker:
         try:
             if slot.process is None:
                 raise StepProcessDied(None)
-            vetting: Vetting = slot.process.vet(message.step_args)
+            vetting: Vetting = slot.process.vet(message)
         except StepProcessDied as e:
             self.log.error("Could not read the step arguments", extra={"error": str(e)})
             self._hide(received, GIVE_BACK_DELAY)
@@ -353,11 +408,15 @@ class Worker:
             self._reject(received, "malformed", vetting.malformed)
             return
 
+        hidden_until = self._hidden_for_claim(received, message)
+        if hidden_until is None:
+            return
+        lease_seconds = lease_within(hidden_until, message.lease_seconds, time.monotonic())
         try:
             claim = self.ledger.claim(
                 message.idempotency_key,
                 worker_id=settings.worker_id,
-                lease_seconds=message.lease_seconds,
+                lease_seconds=lease_seconds,
                 payload_hash=message.payload_hash,
                 deliveries=received.receive_count,
             )
@@ -374,7 +433,14 @@ class Worker:
                     message, claim.fencing_token, received, succeeded=False, error=vetting.refusal
                 )
                 return
-            self._run(slot, message, claim, received)
+            self._run(
+                slot,
+                message,
+                claim,
+                received,
+                hidden_until=hidden_until,
+                lease_seconds=lease_seconds,
+            )
         elif outcome is ClaimOutcome.DUPLICATE:
             emit_metric("DuplicatesSuppressed", 1)
             self.log.info("Duplicate delivery suppressed", extra=self._keys(message, claim))
@@ -390,8 +456,36 @@ class Worker:
         else:
             self._reject(received, "mismatch", "the payload differs from the one launched")
 
+    def _hidden_for_claim(self, received: ReceivedMessage, message: StepMessage) -> float | None:
+        """Until when the message is surely hidden, for a claim's lease to end before it
+        (see ``heartbeat``): the receive's visibility, or, for a message that waited too
+        long to leave a useful lease (or of unknown visibility), a new one as long as the
+        lease. None: it could not be hidden, and is left to SQS unclaimed."""
+        now = time.monotonic()
+        if lease_within(received.hidden_until, message.lease_seconds, now) >= min(
+            MIN_CLAIM_LEASE_SECONDS, message.lease_seconds
+        ):
+            return received.hidden_until
+        seconds = math.ceil(message.lease_seconds + VISIBILITY_MARGIN)
+        try:
+            self._queue_of(received).change_visibility(received.receipt_handle, seconds)
+        except QueueUnavailable as e:
+            self.log.warning(
+                "Could not hide a message for its claim; it stays queued",
+                extra={"error": str(e), "message_id": received.message_id},
+            )
+            return None
+        return now + seconds
+
     def _run(
-        self, slot: Slot, message: StepMessage, claim: Claim, received: ReceivedMessage
+        self,
+        slot: Slot,
+        message: StepMessage,
+        claim: Claim,
+        received: ReceivedMessage,
+        *,
+        hidden_until: float,
+        lease_seconds: float,
     ) -> None:
         token = claim.fencing_token
         lease = Lease(
@@ -401,6 +495,8 @@ class Worker:
             receipt_handle=received.receipt_handle,
             lease_seconds=message.lease_seconds,
             on_change=slot.on_lease_change,
+            hidden_until=hidden_until,
+            granted_seconds=lease_seconds,
         )
         slot.lease = lease
         self.heartbeat.add(lease)
@@ -597,10 +693,12 @@ class Worker:
     def _reject(self, received: ReceivedMessage, reason: str, detail: str) -> None:
         """Never executed: recorded, then left to SQS to redeliver until it dead-letters."""
         emit_metric("MessagesRejected", 1, reason=reason)
-        self.log.error(
-            "Message rejected",
-            extra={"message_id": received.message_id, "reason": reason, "detail": detail},
-        )
+        facts = {
+            "message_id": safe_text(received.message_id, LOG_TEXT_CHARS),
+            "reason": reason,
+            "detail": safe_text(detail, LOG_TEXT_CHARS),
+        }
+        self.log.error("Message rejected", extra=facts)
         try:
             self.ledger.record_rejection(
                 message_id=received.message_id,
@@ -610,16 +708,22 @@ class Worker:
                 worker_id=self.settings.worker_id,
                 idempotency_key=peek_key(received.body),
             )
-        except LedgerUnavailable as e:
-            self.log.warning("Could not record the rejection", extra={"error": str(e)})
+        except Exception as e:
+            # Whatever failed, the rejection is in the log and the message stays with SQS,
+            # which dead-letters it in the end: nothing is lost, nothing runs.
+            self.log.error(
+                "Could not record the rejection; the message is left to SQS",
+                extra={**facts, "error": safe_text(f"{type(e).__name__}: {e}", LOG_TEXT_CHARS)},
+            )
         self._hide(received, 0)
 
     @staticmethod
     def _keys(message: StepMessage, claim: Claim) -> dict[str, object]:
+        # Decoded fields are valid text, but may be as long as the message: bounded.
         return {
-            "idempotency_key": message.idempotency_key,
-            "run_id": message.run_id,
-            "step_key": message.step_key,
+            "idempotency_key": safe_text(message.idempotency_key, LOG_TEXT_CHARS),
+            "run_id": safe_text(message.run_id, LOG_TEXT_CHARS),
+            "step_key": safe_text(message.step_key, LOG_TEXT_CHARS),
             "attempt": message.attempt,
             "fencing_token": claim.fencing_token,
             "previous_worker": claim.previous_worker,

@@ -46,9 +46,12 @@ class StepResult:
 
 @dataclass(frozen=True)
 class VetRequest:
-    """Asks a step process to read a message's step arguments, before any claim."""
+    """Asks a step process to read a message's step arguments, before any claim. The
+    arguments must be for the message's own run and step."""
 
     step_args: str
+    run_id: str
+    step_key: str
 
 
 @dataclass(frozen=True)
