@@ -47,6 +47,32 @@ def attempt_outcome(
     return AttemptOutcome.FAILED
 
 
+def run_endings(instance: DagsterInstance, run_id: str) -> dict[str, int] | None:
+    """How many endings each step of the run has in the event log, from one read of the
+    event log's type and step columns (no event is deserialized); None where the event
+    log is not SQL storage.
+
+    A health-check round reads this once for every step whose ledger row has ended: a
+    run worker that lags behind its workers (a 10,000-step fan-out its workers finish
+    faster than it consumes the events) asks about thousands of such steps each round,
+    and a read per step made each round slower than the last.
+    """
+    storage = instance.event_log_storage
+    if not isinstance(storage, SqlEventLogStorage):
+        return None
+    table = SqlEventLogStorageTable
+    query = (
+        sa.select(table.c.step_key, sa.func.count())
+        .where(
+            table.c.run_id == run_id,
+            table.c.dagster_event_type.in_([t.value for t in _ENDINGS]),
+        )
+        .group_by(table.c.step_key)
+    )
+    with storage.run_connection(run_id) as conn:
+        return {str(step_key): int(count) for step_key, count in conn.execute(query)}
+
+
 def step_endings(instance: DagsterInstance, run_id: str, step_key: str) -> list[DagsterEvent]:
     """The step's endings in the event log, oldest first: one per attempt that ended."""
     storage = instance.event_log_storage

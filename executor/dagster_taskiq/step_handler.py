@@ -29,7 +29,7 @@ from dagster_shared.error import SerializableErrorInfo
 from dagster_shared.record import copy
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from dagster_taskiq.attempts import attempt_outcome
+from dagster_taskiq.attempts import attempt_outcome, run_endings
 from dagster_taskiq.health import (
     DEFAULT_DEAD_LETTER_TIMEOUT,
     Action,
@@ -228,6 +228,10 @@ class SqsStepHandler(StepHandler):
         self._ledger_down_since: float | None = None  # monotonic: the first failed check
         self._rejections: (
             tuple[tuple[str, float, dict[str, StepRecord]], dict[str, Mapping[str, Any]]] | None
+        ) = None
+        # The run's endings in the event log, by step, read for a snapshot (``_attempt_ended``).
+        self._endings: (
+            tuple[tuple[str, float, dict[str, StepRecord]], dict[str, int] | None] | None
         ) = None
 
     @property
@@ -622,9 +626,7 @@ class SqsStepHandler(StepHandler):
         if status in (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED):
             # The worker writes the step's events before it records completion, so a
             # completed attempt without an ending in the event log never ran to one.
-            instance = step_handler_context.instance
-            run_id = step_handler_context.execute_step_args.run_id
-            if attempt_outcome(instance, run_id, step_key, attempt) is not None:
+            if self._attempt_ended(step_handler_context, step_key, attempt):
                 return CheckStepHealthResult.healthy()
             if status is Status.CANCELLED:
                 return CheckStepHealthResult.unhealthy(
@@ -644,6 +646,22 @@ class SqsStepHandler(StepHandler):
         if self._close(record, verdict):
             return CheckStepHealthResult.unhealthy(verdict.reason)
         return CheckStepHealthResult.healthy()
+
+    def _attempt_ended(self, context: StepHandlerContext, step_key: str, attempt: int) -> bool:
+        """Whether the event log holds this attempt's ending. One read of the run's endings
+        serves the round (the round's ledger rows were read first, and a worker writes a
+        step's events before it records its ending there); a step it does not show ended
+        is read on its own, once, before it is judged to have ended without running."""
+        instance = context.instance
+        run_id = context.execute_step_args.run_id
+        snapshot = self._snapshot
+        if snapshot is not None and snapshot[0] == run_id:
+            if self._endings is None or self._endings[0] is not snapshot:
+                self._endings = (snapshot, run_endings(instance, run_id))
+            endings = self._endings[1]
+            if endings is not None and endings.get(step_key, 0) > attempt:
+                return True
+        return attempt_outcome(instance, run_id, step_key, attempt) is not None
 
     def _close(self, record: StepRecord, verdict: Verdict) -> bool:
         key, token = record.idempotency_key, record.fencing_token

@@ -357,6 +357,8 @@ def test_a_cancelled_step_without_an_ending_is_not_healthy_for_ever(
     monkeypatch.setattr(
         step_handler, "attempt_outcome", lambda *args: ending[0] if ending else None
     )
+    # The round's read of the run's endings (none), then the step's own read above.
+    monkeypatch.setattr(step_handler, "run_endings", lambda *args: {})
 
     reason = health(ledger, message)
 

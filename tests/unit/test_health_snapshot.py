@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 
@@ -109,3 +111,49 @@ def test_a_round_longer_than_the_snapshot_s_age_is_served_by_one_read(
     handler.pass_ended()  # the next round, in a later pass, reads again
     assert handler._health_record("k0", "run") is not None
     assert ledger.for_run_calls == 2
+
+
+def test_steps_ended_in_the_ledger_are_checked_against_one_read_of_the_run_s_endings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A run worker behind its workers: the ledger shows 100 steps ended whose endings
+    # Dagster has not consumed yet, so it asks about each of them every round.
+    def ended(step_key: str, status: Status) -> StepRecord:
+        return replace(_record(step_key, status), idempotency_key=f"run:{step_key}:0")
+
+    # The last one never wrote an ending.
+    ended_steps = [ended(f"k{i}", Status.SUCCEEDED) for i in range(100)]
+    ledger = FakeLedger([*ended_steps, ended("lost", Status.FAILED)])
+    handler = _handler(ledger)
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    reads = {"run": 0, "step": 0}
+
+    def run_endings(instance: object, run_id: str) -> dict[str, int]:
+        reads["run"] += 1
+        return {f"k{i}": 1 for i in range(100)}
+
+    def attempt_outcome(instance: object, run_id: str, step_key: str, attempt: int) -> None:
+        reads["step"] += 1
+
+    monkeypatch.setattr(step_handler, "run_endings", run_endings)
+    monkeypatch.setattr(step_handler, "attempt_outcome", attempt_outcome)
+
+    def check(key: str) -> bool:
+        context = SimpleNamespace(
+            instance=None,
+            execute_step_args=SimpleNamespace(
+                run_id="run", step_keys_to_execute=[key], known_state=None
+            ),
+        )
+        return handler._check_health(context).is_healthy  # type: ignore[arg-type]
+
+    handler.pass_ended()
+    assert all(check(f"k{i}") for i in range(100))
+    assert not check("lost"), "a step whose ending is not in the event log is unhealthy"
+    # One read of the run's endings for the round; the step it did not show, read alone.
+    assert reads == {"run": 1, "step": 1}
+
+    handler.pass_ended()  # the next round reads them again
+    clock[0] += step_handler.HEALTH_SNAPSHOT_SECONDS + 1
+    assert check("k0") and reads["run"] == 2
