@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from dagster import DagsterInstance
+from dagster_postgres.event_log import PostgresEventLogStorage
 
 from dagster_taskiq.ledger import Ledger
 from dagster_taskiq.local.stack import (
@@ -28,7 +29,7 @@ from dagster_taskiq.local.stack import (
     sqs_emulator,
 )
 from dagster_taskiq.migrations import ensure_schema
-from dagster_taskiq.settings import ledger_url
+from dagster_taskiq.settings import dagster_storage_url, ledger_url
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_TEST_DATABASE_URL = "DAGSTER_TASKIQ_TEST_DATABASE_URL"
@@ -78,6 +79,14 @@ def empty_database_url(postgres_url: str) -> Iterator[str]:
     """A new, empty database on the session's server, dropped afterwards."""
     with new_database(postgres_url, "dagster_taskiq_schema") as url:
         yield url
+
+
+@pytest.fixture
+def event_log_storage(postgres_url: str) -> Iterator[PostgresEventLogStorage]:
+    """dagster-postgres's event log on the session's database."""
+    store = PostgresEventLogStorage(dagster_storage_url(postgres_url))
+    yield store
+    store.dispose()
 
 
 @pytest.fixture

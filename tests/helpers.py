@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dagster import DagsterEvent, DagsterEventType, DagsterInstance
+from dagster._core.events import EngineEventData
+from dagster._core.events.log import EventLogEntry
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -112,3 +114,31 @@ def finished_records(ledger: Any, run_id: str, timeout: float = 30.0) -> list[An
 # CLI output to a pipe, as a script reads it: without a COLUMNS that something earlier in
 # the test process exported (a rich table is then cut to its width).
 AS_A_PIPE: dict[str, str | None] = {"COLUMNS": None}
+
+
+def stored_entry(
+    run_id: str,
+    kind: DagsterEventType = DagsterEventType.ENGINE_EVENT,
+    *,
+    step_key: str | None = None,
+    data: Any = None,
+) -> EventLogEntry:
+    """An event log entry of ``kind`` as a run would store it (``data``: its specific data,
+    an engine event's by default)."""
+    event = DagsterEvent(
+        event_type_value=kind.value,
+        job_name="job",
+        step_key=step_key,
+        message="m",
+        event_specific_data=data if data is not None else EngineEventData(),
+    )
+    return EventLogEntry(  # type: ignore[no-untyped-call]  # Dagster leaves it untyped
+        error_info=None,
+        level=10,
+        user_message="m",
+        run_id=run_id,
+        timestamp=time.time(),
+        job_name="job",
+        step_key=step_key,
+        dagster_event=event,
+    )

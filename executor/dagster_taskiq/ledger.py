@@ -624,20 +624,12 @@ class Ledger:
         ``duplicate``: the outcome was already in Dagster's event log from an earlier
         delivery, so this delivery recorded it without executing (counted as suppressed).
         """
-        stmt = (
-            sa.update(steps)
-            .where(self._fenced(key, token, Status.RUNNING))
-            .values(
-                status=Status.SUCCEEDED if succeeded else Status.FAILED,
-                error=_error_text(error),
-                duplicates_suppressed=steps.c.duplicates_suppressed + int(duplicate),
-                lease_expires_at=None,
-                finished_at=NOW,
-                updated_at=NOW,
-            )
+        return self._end(
+            self._fenced(key, token, Status.RUNNING),
+            Status.SUCCEEDED if succeeded else Status.FAILED,
+            error=_error_text(error),
+            duplicates_suppressed=steps.c.duplicates_suppressed + int(duplicate),
         )
-        with self.transaction() as conn:
-            return conn.execute(stmt).rowcount == 1
 
     def fail(self, key: str, token: int, error: str) -> bool:
         return self.complete(key, token, succeeded=False, error=error)
@@ -653,13 +645,9 @@ class Ledger:
             return conn.execute(stmt).rowcount == 1
 
     def finish_cancel(self, key: str, token: int) -> bool:
-        stmt = (
-            sa.update(steps)
-            .where(self._fenced(key, token, Status.CANCEL_REQUESTED, Status.RUNNING))
-            .values(status=Status.CANCELLED, lease_expires_at=None, finished_at=NOW, updated_at=NOW)
+        return self._end(
+            self._fenced(key, token, Status.CANCEL_REQUESTED, Status.RUNNING), Status.CANCELLED
         )
-        with self.transaction() as conn:
-            return conn.execute(stmt).rowcount == 1
 
     def request_cancel(self, key: str) -> Status | None:
         """Ask for cancellation. Returns the status it had, or None if already terminal/absent."""
@@ -691,16 +679,19 @@ class Ledger:
             waiting = steps.c.status == Status.ENQUEUED
         else:
             waiting = self._unheld(key, token, Status.RUNNING)
+        return self._end(
+            sa.and_(steps.c.idempotency_key == key, waiting),
+            Status.FAILED,
+            error=_error_text(reason),
+        )
+
+    def _end(self, where: sa.ColumnElement[bool], status: Status, **values: Any) -> bool:
+        """The row ``where`` picks -> ``status``, ended now and held by no lease. True only
+        if this statement made the change."""
         stmt = (
             sa.update(steps)
-            .where(steps.c.idempotency_key == key, waiting)
-            .values(
-                status=Status.FAILED,
-                error=_error_text(reason),
-                lease_expires_at=None,
-                finished_at=NOW,
-                updated_at=NOW,
-            )
+            .where(where)
+            .values(status=status, lease_expires_at=None, finished_at=NOW, updated_at=NOW, **values)
         )
         with self.transaction() as conn:
             return conn.execute(stmt).rowcount == 1
@@ -721,36 +712,20 @@ class Ledger:
         delivery that comes all the same finds the step terminal and never starts it. The
         DLQ processor confirms the row (``dead_letter``) when it comes.
         """
-        stmt = (
-            sa.update(steps)
-            .where(self._unheld(key, token, Status.RUNNING, Status.ENQUEUED))
-            .values(
-                status=Status.DEAD_LETTERED,
-                error=PRESUMED_DEAD_LETTER + reason,
-                lease_expires_at=None,
-                finished_at=NOW,
-                updated_at=NOW,
-            )
+        return self._end(
+            self._unheld(key, token, Status.RUNNING, Status.ENQUEUED),
+            Status.DEAD_LETTERED,
+            error=PRESUMED_DEAD_LETTER + reason,
         )
-        with self.transaction() as conn:
-            return conn.execute(stmt).rowcount == 1
 
     def close_cancel(self, key: str, token: int, reason: str) -> bool:
         """CANCEL_REQUESTED under ``token`` that no lease holds -> CANCELLED: what a worker
         does when it receives the message, for a step whose message no worker receives."""
-        stmt = (
-            sa.update(steps)
-            .where(self._unheld(key, token, Status.CANCEL_REQUESTED))
-            .values(
-                status=Status.CANCELLED,
-                error=_error_text(reason),
-                lease_expires_at=None,
-                finished_at=NOW,
-                updated_at=NOW,
-            )
+        return self._end(
+            self._unheld(key, token, Status.CANCEL_REQUESTED),
+            Status.CANCELLED,
+            error=_error_text(reason),
         )
-        with self.transaction() as conn:
-            return conn.execute(stmt).rowcount == 1
 
     def dead_letter(self, key: str, *, deliveries: int, reason: str) -> bool:
         """Mark a step whose message reached the DLQ. True only on the transition.

@@ -3,29 +3,24 @@ one read by step (``run_endings``) agrees with each step's own read (``step_endi
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from dagster import DagsterEvent, DagsterEventType
+from dagster import DagsterEventType
 from dagster._core.events import EngineEventData
-from dagster._core.events.log import EventLogEntry
 from dagster._core.execution.plan.objects import StepRetryData, StepSuccessData
 from dagster_postgres.event_log import PostgresEventLogStorage
 from dagster_shared.error import SerializableErrorInfo
 
 from dagster_taskiq.attempts import run_endings, step_endings
-from dagster_taskiq.settings import dagster_storage_url
+from tests.helpers import stored_entry
 
 
 @pytest.fixture
-def storage(postgres_url: str) -> Iterator[PostgresEventLogStorage]:
-    store = PostgresEventLogStorage(dagster_storage_url(postgres_url))
-    yield store
-    store.dispose()
+def storage(event_log_storage: PostgresEventLogStorage) -> PostgresEventLogStorage:
+    return event_log_storage
 
 
 def _store(
@@ -38,25 +33,7 @@ def _store(
     elif kind is DagsterEventType.STEP_UP_FOR_RETRY:
         error = SerializableErrorInfo(message="m", stack=[], cls_name=None)
         data = StepRetryData(error=error, seconds_to_wait=0)  # type: ignore[no-untyped-call]
-    event = DagsterEvent(
-        event_type_value=kind.value,
-        job_name="job",
-        step_key=step_key,
-        message="m",
-        event_specific_data=data,
-    )
-    storage.store_event(
-        EventLogEntry(  # type: ignore[no-untyped-call]  # Dagster leaves it untyped
-            error_info=None,
-            level=10,
-            user_message="m",
-            run_id=run_id,
-            timestamp=time.time(),
-            job_name="job",
-            step_key=step_key,
-            dagster_event=event,
-        )
-    )
+    storage.store_event(stored_entry(run_id, kind, step_key=step_key, data=data))
 
 
 def test_one_read_counts_each_step_s_endings_as_its_own_read_does(

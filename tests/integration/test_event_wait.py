@@ -6,45 +6,22 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
-from dagster import DagsterEvent, DagsterEventType, EventLogRecord
-from dagster._core.events import EngineEventData
-from dagster._core.events.log import EventLogEntry
+from dagster import DagsterEventType, EventLogRecord
 from dagster_postgres.event_log import PostgresEventLogStorage
 
 from dagster_taskiq.event_wait import RunEventWaiter, listen_connector
 from dagster_taskiq.instance_storage import EventBatch
 from dagster_taskiq.ledger import Ledger
-from dagster_taskiq.settings import dagster_storage_url
+from tests.helpers import stored_entry
 
 
 @pytest.fixture
-def storage(postgres_url: str) -> Iterator[PostgresEventLogStorage]:
-    store = PostgresEventLogStorage(dagster_storage_url(postgres_url))
-    yield store
-    store.dispose()
-
-
-def _entry(run_id: str, kind: DagsterEventType = DagsterEventType.ENGINE_EVENT) -> EventLogEntry:
-    event = DagsterEvent(
-        event_type_value=kind.value,
-        job_name="job",
-        message="m",
-        event_specific_data=EngineEventData(),
-    )
-    return EventLogEntry(  # type: ignore[no-untyped-call]  # Dagster leaves it untyped
-        error_info=None,
-        level=10,
-        user_message="m",
-        run_id=run_id,
-        timestamp=time.time(),
-        job_name="job",
-        dagster_event=event,
-    )
+def storage(event_log_storage: PostgresEventLogStorage) -> PostgresEventLogStorage:
+    return event_log_storage
 
 
 def _waiter(storage: PostgresEventLogStorage, run_id: str) -> RunEventWaiter:
@@ -61,13 +38,13 @@ def test_a_stored_event_wakes_the_waiter_of_its_run_only(
     run, other = str(uuid.uuid4()), str(uuid.uuid4())
     waiter = _waiter(storage, run)
     try:
-        storage.store_event(_entry(other))
+        storage.store_event(stored_entry(other))
         started = time.monotonic()
         waiter.wait(0.5)
         assert not waiter.read_due(), "another run's event"
         assert time.monotonic() - started >= 0.45
 
-        storage.store_event(_entry(run))
+        storage.store_event(stored_entry(run))
         started = time.monotonic()
         waiter.wait(5.0)
         assert time.monotonic() - started < 1.0, "woken by the notification"
@@ -96,7 +73,7 @@ def test_a_cut_listening_connection_is_noticed_and_replaced(
         assert waiter.read_due(), "events may have been missed: read"
         waiter.wait(3.0)  # listens again
         assert waiter.listening
-        storage.store_event(_entry(run))
+        storage.store_event(stored_entry(run))
         waiter.wait(5.0)
         assert waiter.read_due()
     finally:
@@ -111,9 +88,9 @@ def test_a_batch_of_events_is_stored_and_notified_together(
     batch = EventBatch(SimpleNamespace(event_log_storage=storage))
     try:
         with batch.holding({DagsterEventType.ENGINE_EVENT}):
-            storage.store_event(_entry(run))
-            storage.store_event(_entry(run))
-            storage.store_event(_entry(run, DagsterEventType.STEP_WORKER_STARTED))  # not held
+            storage.store_event(stored_entry(run))
+            storage.store_event(stored_entry(run))
+            storage.store_event(stored_entry(run, DagsterEventType.STEP_WORKER_STARTED))  # not held
         assert len(batch.held) == 2
         assert [r.event_log_entry.dagster_event_type for r in _records(storage, run)] == [
             DagsterEventType.STEP_WORKER_STARTED
