@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: install demo test lint typecheck unit integration e2e test-slow test-py313 lock ui clean synth bench
+.PHONY: install demo test lint typecheck unit integration e2e test-slow test-py313 test-oldest lock ui clean synth bench
 
 install: $(STAMP)
 
@@ -25,6 +25,7 @@ ui: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -71,6 +72,31 @@ test-py313: $(STAMP) $(STAMP313)
 	rm -rf build/pg-py313
 	$(BIN)/python -m tests.with_postgres build/pg-py313 -- \
 		$(VENV313)/bin/pytest -m "not slow" tests/unit tests/integration $(PYTEST_ARGS)
+
+# The oldest Dagster the package supports (pyproject.toml's lower bounds; patches.TESTED):
+# the end-to-end tier and the contract tests of the patches again, in their own virtualenv,
+# with every other library as constraints.txt pins it.
+OLDEST_DAGSTER := 1.13.0
+OLDEST_DAGSTER_LIBRARIES := 0.29.0
+VENV_OLDEST := .venv-oldest
+STAMP_OLDEST := $(VENV_OLDEST)/.installed-stamp
+
+build/constraints-oldest.txt: constraints.txt Makefile
+	mkdir -p build
+	sed -E \
+		-e 's/^(dagster|dagster-graphql|dagster-pipes|dagster-shared|dagster-webserver)==.*/\1==$(OLDEST_DAGSTER)/' \
+		-e 's/^(dagster-postgres|dagster-celery)==.*/\1==$(OLDEST_DAGSTER_LIBRARIES)/' \
+		constraints.txt > $@
+
+$(STAMP_OLDEST): pyproject.toml build/constraints-oldest.txt
+	test -x $(VENV_OLDEST)/bin/python || $(PYTHON) -m venv $(VENV_OLDEST)
+	$(VENV_OLDEST)/bin/python -m pip install --quiet -c build/constraints-oldest.txt -e '.[dev]'
+	touch $(STAMP_OLDEST)
+
+test-oldest: $(STAMP_OLDEST)
+	$(VENV_OLDEST)/bin/python -c "import dagster; assert dagster.__version__ == '$(OLDEST_DAGSTER)', dagster.__version__"
+	$(VENV_OLDEST)/bin/pytest -m "not slow" $(XDIST) tests/e2e tests/integration/test_patches.py \
+		tests/unit/test_dagster_loop.py tests/unit/test_expected_steps.py $(PYTEST_ARGS)
 
 # Side by side with Dagster's executors and dagster-celery (on Redis: the local one, one it
 # starts, or skipped with the reason); writes benchmarks/results/latest.json and .png.

@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from dagster import DagsterEventType, DagsterInstance, RunsFilter, execute_job
 
 from benchmarks.jobs import reconstructable_job
-from dagster_taskiq.ledger import Ledger
+from dagster_taskiq.core.ledger import Ledger
 from dagster_taskiq.local.stack import LocalStack, WorkerPool
 
 LAUNCH_WORKLOAD = "fanout_1000"

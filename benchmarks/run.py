@@ -30,7 +30,7 @@ from dagster import DagsterInstance, execute_job
 from benchmarks import worker_memory
 from benchmarks.jobs import reconstructable_job
 from benchmarks.launches import measure as launch_figures
-from dagster_taskiq.ledger import Ledger
+from dagster_taskiq.core.ledger import Ledger
 from dagster_taskiq.local.stack import LocalStack, local_stack
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,9 @@ import sqlalchemy as sa
 from dagster import DagsterInstance
 from dagster_postgres.event_log import PostgresEventLogStorage
 
-from dagster_taskiq.ledger import Ledger
+from dagster_taskiq.core.ledger import Ledger
+from dagster_taskiq.core.migrations import ensure_schema
+from dagster_taskiq.core.settings import dagster_storage_url, ledger_url
 from dagster_taskiq.local.stack import (
     LocalStack,
     WorkerPool,
@@ -28,8 +30,6 @@ from dagster_taskiq.local.stack import (
     local_stack,
     sqs_emulator,
 )
-from dagster_taskiq.migrations import ensure_schema
-from dagster_taskiq.settings import dagster_storage_url, ledger_url
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_TEST_DATABASE_URL = "DAGSTER_TASKIQ_TEST_DATABASE_URL"

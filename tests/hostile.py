@@ -27,8 +27,8 @@ from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import serialize_value
 from hypothesis import strategies as st
 
-from dagster_taskiq import messages
-from dagster_taskiq.messages import ENCODING_JSON, ENCODING_ZLIB, SCHEMA_VERSION
+from dagster_taskiq.core import messages
+from dagster_taskiq.core.messages import ENCODING_JSON, ENCODING_ZLIB, SCHEMA_VERSION
 
 SIGNING_KEY = "hostile-test-signing-key"
 ALLOWED_MODULE = "tests.jobs"  # the test workers' code location

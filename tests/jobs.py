@@ -23,8 +23,8 @@ from dagster import (
 )
 
 from dagster_taskiq import taskiq_executor
+from dagster_taskiq.core.routing import PRIORITY_TAG, QUEUE_TAG, RUN_PRIORITY_TAG
 from dagster_taskiq.load import executions
-from dagster_taskiq.routing import PRIORITY_TAG, QUEUE_TAG, RUN_PRIORITY_TAG
 
 
 def record(context: OpExecutionContext, phase: str) -> None:

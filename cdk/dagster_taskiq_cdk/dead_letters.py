@@ -14,7 +14,7 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.settings import (
     ENV_ALERT_TOPIC_ARN,
     ENV_DAGSTER_UI_URL,
     ENV_DATABASE_URL,

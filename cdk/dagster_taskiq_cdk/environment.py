@@ -1,8 +1,8 @@
-"""Environment variable names the deployed code reads, beyond ``dagster_taskiq.settings``."""
+"""Environment variable names the deployed code reads, beyond ``dagster_taskiq.core.settings``."""
 
 from __future__ import annotations
 
-from dagster_taskiq.settings import ENV_DATABASE_SECRET_ARN
+from dagster_taskiq.core.settings import ENV_DATABASE_SECRET_ARN
 
 # The worker image's dagster.yaml reads these for dagster-postgres.
 PG_HOST = "DAGSTER_PG_HOST"
@@ -11,7 +11,7 @@ PG_DB = "DAGSTER_PG_DB"
 PG_USER = "DAGSTER_PG_USER"
 PG_PASSWORD = "DAGSTER_PG_PASSWORD"
 
-# dagster_taskiq.scaler.ScalerSettings.from_env reads these.
+# dagster_taskiq.scaling.scaler.ScalerSettings.from_env reads these.
 MIN_WORKERS = "DAGSTER_TASKIQ_MIN_WORKERS"
 MAX_WORKERS = "DAGSTER_TASKIQ_MAX_WORKERS"
 TARGET_BACKLOG = "DAGSTER_TASKIQ_TARGET_BACKLOG"

@@ -46,19 +46,25 @@ from .paths import LAMBDA_BUILD_DIR, LAMBDAS_DIR, PACKAGE_DIR, REPO_ROOT
 
 PACKAGE = PACKAGE_DIR.name
 
-# The modules of the package the Lambdas may import: its dagster-free half.
+# The modules of the package the Lambdas may import: its dagster-free half (``core``, the
+# scaler, the dead-letter processor), as paths under the package without ``.py``. A folder's
+# ``__init__`` is listed with it: the bundle imports nothing that is not here.
 BUNDLED_MODULES = (
     "__init__",
-    "dead_letters",
-    "ledger",
-    "messages",
-    "observability",
-    "outlook",
-    "queue",
-    "scaler",
-    "scaling",
-    "schema",
-    "settings",
+    "core/__init__",
+    "core/errors",
+    "core/ledger",
+    "core/messages",
+    "core/observability",
+    "core/schema",
+    "core/settings",
+    "core/sqs",
+    "dead_letters/__init__",
+    "dead_letters/processor",
+    "scaling/__init__",
+    "scaling/outlook",
+    "scaling/policy",
+    "scaling/scaler",
 )
 
 # Third-party distributions, with the extras the package uses (powertools' Tracer needs
@@ -177,7 +183,7 @@ def plan_bundle(
     for module in BUNDLED_MODULES:
         source = PACKAGE_DIR / f"{module}.py"
         if not source.is_file():
-            raise BundleError(f"{PACKAGE}.{module} is not at {source.relative_to(REPO_ROOT)}")
+            raise BundleError(f"{_dotted(module)} is not at {source.relative_to(REPO_ROOT)}")
         files.append(BundleFile(f"{PACKAGE}/{module}.py", source))
     check_requirements()
     for distribution in BUNDLED_DISTRIBUTIONS:
@@ -386,12 +392,16 @@ def check_imports(files: list[BundleFile]) -> None:
     """
     available = top_level_modules(files) | RUNTIME_MODULES | set(sys.stdlib_module_names)
     first_party = {f.destination: f.source for f in files if _is_first_party(f.destination)}
-    submodules = {
-        f"{PACKAGE}.{Path(destination).stem}"
-        for destination in first_party
-        if destination.startswith(f"{PACKAGE}/") and not destination.endswith("__init__.py")
-    }
-    init_names = _module_level_names(PACKAGE_DIR / "__init__.py")
+    # Every importable first-party module (a folder's ``__init__`` makes the folder one), and
+    # the ``__init__`` of each package among them.
+    package_inits: dict[str, Path] = {}
+    modules: set[str] = set()
+    for destination, source in first_party.items():
+        if destination.startswith(f"{PACKAGE}/"):
+            module = _dotted(destination.removeprefix(f"{PACKAGE}/").removesuffix(".py"))
+            modules.add(module)
+            if destination.endswith("/__init__.py"):
+                package_inits[module] = source
     problems: list[str] = []
     for destination, source in sorted(first_party.items()):
         for module, names in _runtime_imports(destination, source):
@@ -399,17 +409,30 @@ def check_imports(files: list[BundleFile]) -> None:
             if top in FORBIDDEN_TOP_LEVEL or (top.startswith("dagster_") and top != PACKAGE):
                 problems.append(f"{destination} imports {module}, which needs dagster")
             elif top == PACKAGE:
-                if module != PACKAGE and module not in submodules:
+                if module not in modules:
                     problems.append(f"{destination} imports {module}, which is not bundled")
-                for name in names if module == PACKAGE else ():
-                    if f"{PACKAGE}.{name}" not in submodules and name not in init_names:
+                    continue
+                # ``from package import name``: a bundled submodule, or a name the package's
+                # ``__init__`` defines itself (not one its lazy ``__getattr__`` would import).
+                init = package_inits.get(module)
+                init_names = _module_level_names(init) if init else set()
+                for name in names if init else ():
+                    if f"{module}.{name}" not in modules and name not in init_names:
                         problems.append(
-                            f"{destination} imports {PACKAGE}.{name}, which is not bundled"
+                            f"{destination} imports {module}.{name}, which is not bundled"
                         )
             elif top not in available:
                 problems.append(f"{destination} imports {module}, which is not bundled")
     if problems:
         raise BundleError("The Lambda bundle would not import: " + "; ".join(problems))
+
+
+def _dotted(path: str) -> str:
+    """``core/ledger`` -> ``dagster_taskiq.core.ledger``; ``core/__init__`` -> the package."""
+    parts = [PACKAGE, *PurePosixPath(path).parts]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
 
 
 def _is_first_party(destination: str) -> bool:

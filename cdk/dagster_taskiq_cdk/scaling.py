@@ -13,7 +13,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.settings import (
     ENV_DATABASE_URL,
     ENV_ECS_CLUSTER,
     ENV_ECS_SERVICE,

@@ -14,7 +14,7 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.settings import (
     ENV_CODE_LOCATIONS,
     ENV_CONCURRENCY,
     ENV_DATABASE_PASSWORD,

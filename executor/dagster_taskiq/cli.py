@@ -12,8 +12,9 @@ from typing import Any
 
 import click
 
-from dagster_taskiq.messages import DEFAULT_MAX_STEP_ARGS_BYTES
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.errors import ConfigurationError
+from dagster_taskiq.core.messages import DEFAULT_MAX_STEP_ARGS_BYTES
+from dagster_taskiq.core.settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ENV_CODE_LOCATIONS,
     ENV_CONCURRENCY,
@@ -26,7 +27,6 @@ from dagster_taskiq.settings import (
     ENV_SIGNING_KEY,
     ENV_SIGNING_KEY_SECRET_ARN,
     ENV_STEP_PROCESS_START,
-    ConfigurationError,
 )
 
 max_workers_option = click.option(
@@ -237,7 +237,7 @@ def demo(max_workers: int, concurrency: int) -> None:
 def ui(max_workers: int, port: int) -> None:
     """The local stack, scaled by the policy, and the Dagster UI on it (Ctrl-C stops all)."""
     from dagster_taskiq.local.stack import local_stack
-    from dagster_taskiq.scaling import ScalingConfig
+    from dagster_taskiq.scaling.policy import ScalingConfig
 
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")  # EMF is for CloudWatch
     with local_stack() as stack:
@@ -295,7 +295,7 @@ def ledger() -> None:
 @click.option("--database-url", envvar=ENV_DATABASE_URL, required=True)
 def ledger_cleanup(database_url: str) -> None:
     """Delete finished step records past their TTL."""
-    from dagster_taskiq.ledger import Ledger
+    from dagster_taskiq.core.ledger import Ledger
 
     store = Ledger(database_url)
     started = time.monotonic()
@@ -308,9 +308,10 @@ def ledger_cleanup(database_url: str) -> None:
 def ledger_upgrade(database_url: str) -> None:
     """Bring the ledger's schema to this release's revision (safe to repeat, and to run
     while workers and runs use the ledger: every revision only adds)."""
-    from dagster_taskiq.ledger import Ledger, LedgerUnavailable
-    from dagster_taskiq.migrations import upgrade_ledger
-    from dagster_taskiq.schema import SchemaStatus
+    from dagster_taskiq.core.errors import LedgerUnavailable
+    from dagster_taskiq.core.ledger import Ledger
+    from dagster_taskiq.core.migrations import upgrade_ledger
+    from dagster_taskiq.core.schema import SchemaStatus
 
     store = Ledger(database_url)
     try:
@@ -339,7 +340,7 @@ def _add_load_commands() -> None:
 
 _add_load_commands()
 
-from dagster_taskiq.simulation.commands import scaling  # noqa: E402 (after the CLI group it joins)
+from dagster_taskiq.scaling.simulation.commands import scaling  # noqa: E402 (after the CLI group it joins)
 
 cli.add_command(scaling)
 
@@ -353,7 +354,7 @@ def _add_operations_commands() -> None:
 
 _add_operations_commands()
 
-from dagster_taskiq.doctor.command import doctor  # noqa: E402 (after the CLI group it joins)
+from dagster_taskiq.operations.doctor.command import doctor  # noqa: E402 (after the CLI group it joins)
 
 cli.add_command(doctor)
 

@@ -1,6 +1,6 @@
 """The DLQ processor Lambda: the step queue's dead-letter queue is its SQS event source.
 
-Thin: the logic is ``dagster_taskiq.dead_letters``. Each record is one dead letter; a
+Thin: the logic is ``dagster_taskiq.dead_letters.processor``. Each record is one dead letter; a
 record that fails (ledger unreachable, SNS refused the alert) is reported in the partial
 batch response, so SQS delivers only that one again. Processing is safe to repeat.
 
@@ -39,16 +39,10 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.config import Config
 
-from dagster_taskiq.dead_letters import (
-    SERVICE,
-    DeadLetter,
-    DeadLetterProcessor,
-    DeadLetterResult,
-    SnsAlerts,
-)
-from dagster_taskiq.ledger import Ledger
-from dagster_taskiq.observability import METRICS_NAMESPACE, get_logger
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.errors import ConfigurationError
+from dagster_taskiq.core.ledger import Ledger
+from dagster_taskiq.core.observability import METRICS_NAMESPACE, get_logger
+from dagster_taskiq.core.settings import (
     ENV_ALERT_TOPIC_ARN,
     ENV_DAGSTER_UI_URL,
     ENV_DATABASE_PASSWORD,
@@ -57,9 +51,15 @@ from dagster_taskiq.settings import (
     ENV_DATABASE_USER,
     ENV_SIGNING_KEY,
     ENV_SIGNING_KEY_SECRET_ARN,
-    ConfigurationError,
     database_url,
     signing_key,
+)
+from dagster_taskiq.dead_letters.processor import (
+    SERVICE,
+    DeadLetter,
+    DeadLetterProcessor,
+    DeadLetterResult,
+    SnsAlerts,
 )
 
 logger = get_logger(SERVICE)

@@ -4,7 +4,7 @@ One function per worker pool: it reads the pool's queues (``DAGSTER_TASKIQ_QUEUE
 comma-separated: the step queue, then the high-priority lane) and sets the pool's service.
 
 A thin shell: configuration from the environment, then ``Scaler.evaluate`` (plain,
-tested logic in ``dagster_taskiq.scaler``). A scheduled invocation evaluates several
+tested logic in ``dagster_taskiq.scaling.scaler``). A scheduled invocation evaluates several
 times inside its minute so the reaction time is below the schedule's; an invocation
 from the executor (steps launched, no worker wanted) evaluates once, at once. The
 function's reserved concurrency leaves room for it beside a scheduled invocation, and the
@@ -18,14 +18,14 @@ import os
 import time
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from dagster_taskiq.observability import METRICS_NAMESPACE
-from dagster_taskiq.scaler import TRIGGER_SOURCE, Scaler, ScalerSettings, build_scaler
+from dagster_taskiq.core.observability import METRICS_NAMESPACE, get_logger
+from dagster_taskiq.scaling.scaler import TRIGGER_SOURCE, Scaler, ScalerSettings, build_scaler
 
-logger = Logger(service="dagster-taskiq-scaler")
+logger = get_logger("dagster-taskiq-scaler")
 tracer = Tracer(service="dagster-taskiq-scaler")
 metrics = Metrics(namespace=METRICS_NAMESPACE, service="dagster-taskiq-scaler")
 

@@ -24,8 +24,8 @@ import pytest
 from click.testing import CliRunner
 
 from dagster_taskiq import cli
-from dagster_taskiq.scaler import ScalerSettings
-from dagster_taskiq.settings import ConfigurationError
+from dagster_taskiq.core.errors import ConfigurationError
+from dagster_taskiq.scaling.scaler import ScalerSettings
 from dagster_taskiq.worker import run as worker_run
 from dagster_taskiq.worker.config import WorkerSettings
 from lambdas.dlq_processor.handler import ProcessorSettings

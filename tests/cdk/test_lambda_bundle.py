@@ -90,9 +90,13 @@ def test_bundle_contents(name: str) -> None:
     assert not [d for d in destinations if "__pycache__" in d or d.endswith(".pyc")]
     package = {d for d in destinations if d.startswith("dagster_taskiq/")}
     assert package == {f"dagster_taskiq/{m}.py" for m in lambda_bundle.BUNDLED_MODULES}
-    for excluded in ("executor", "step_handler", "attempts", "cli", "scale_trigger"):
+    for excluded in ("executor/definition", "executor/step_handler", "cli", "scaling/trigger"):
         assert f"dagster_taskiq/{excluded}.py" not in package
-    assert not [d for d in destinations if d.startswith(("dagster_taskiq/worker/", "dagster/"))]
+    assert not [
+        d
+        for d in destinations
+        if d.startswith(("dagster_taskiq/worker/", "dagster_taskiq/executor/", "dagster/"))
+    ]
     top_level = lambda_bundle.top_level_modules(files)
     assert {"boto3", "botocore", "dagster"}.isdisjoint(top_level)
     assert {"aws_lambda_powertools", "sqlalchemy", "pg8000", "scramp", "wrapt"} <= top_level
@@ -231,9 +235,11 @@ def test_import_check_refuses_dagster(tmp_path: Path) -> None:
 
 
 def test_import_check_refuses_unbundled_package_modules(tmp_path: Path) -> None:
-    handler = "from dagster_taskiq.executor import taskiq_executor\n"
+    handler = "from dagster_taskiq.executor.definition import taskiq_executor\n"
     files = [f for f in plan_bundle("scaler") if f.destination != "handler.py"]
-    with pytest.raises(BundleError, match=r"dagster_taskiq\.executor, which is not bundled"):
+    with pytest.raises(
+        BundleError, match=r"dagster_taskiq\.executor\.definition, which is not bundled"
+    ):
         check_imports([*files, _module(tmp_path, "handler.py", handler)])
     lazy = "from dagster_taskiq import taskiq_executor\n"  # the package's lazy __getattr__
     with pytest.raises(BundleError, match=r"dagster_taskiq\.taskiq_executor, which is not"):
@@ -245,7 +251,7 @@ def test_import_check_ignores_type_checking_imports(tmp_path: Path) -> None:
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n"
         "    import dagster\n"
-        "from dagster_taskiq.ledger import Ledger\n"
+        "from dagster_taskiq.core.ledger import Ledger\n"
     )
     files = [f for f in plan_bundle("scaler") if f.destination != "handler.py"]
     check_imports([*files, _module(tmp_path, "handler.py", source)])

@@ -48,16 +48,22 @@ from dagster import DagsterInstance, execute_job, reconstructable
 from dagster._config import process_config
 
 from cdk.dagster_taskiq_cdk.paths import REPO_ROOT
-from dagster_taskiq import executor as executor_module
-from dagster_taskiq.executor import ExecutorSettings, connect, scale_out_triggers, taskiq_executor
-from dagster_taskiq.ledger import ClaimOutcome, Ledger, Status
+from dagster_taskiq.core.errors import QueueUnavailable
+from dagster_taskiq.core.ledger import ClaimOutcome, Ledger, Status
+from dagster_taskiq.core.messages import encode
+from dagster_taskiq.core.migrations import ensure_schema
+from dagster_taskiq.core.observability import get_logger
+from dagster_taskiq.core.settings import ENV_DATABASE_URL, read_secret_string
+from dagster_taskiq.core.sqs import SqsQueue
+from dagster_taskiq.executor import definition as executor_module
+from dagster_taskiq.executor.definition import (
+    ExecutorSettings,
+    connect,
+    scale_out_triggers,
+    taskiq_executor,
+)
 from dagster_taskiq.local.stack import write_dagster_yaml
-from dagster_taskiq.messages import encode
-from dagster_taskiq.migrations import ensure_schema
-from dagster_taskiq.observability import get_logger
-from dagster_taskiq.queue import QueueUnavailable, SqsQueue
-from dagster_taskiq.scaler import TRIGGER_SOURCE
-from dagster_taskiq.settings import ENV_DATABASE_URL, read_secret_string
+from dagster_taskiq.scaling.scaler import TRIGGER_SOURCE
 from dagster_taskiq.worker.heartbeat import Heartbeat, Lease
 from dagster_taskiq.worker.protection import TaskProtection
 from lambdas.dlq_processor import handler as dlq_handler

@@ -9,7 +9,7 @@ import pytest
 from cdk.dagster_taskiq_cdk import environment as env
 from cdk.dagster_taskiq_cdk.queue import StepQueues
 from cdk.dagster_taskiq_cdk.settings import DLQ_RETENTION_SECONDS
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.settings import (
     ENV_CODE_LOCATIONS,
     ENV_CONCURRENCY,
     ENV_ECS_SERVICE,

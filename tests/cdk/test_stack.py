@@ -12,8 +12,7 @@ from cdk.dagster_taskiq_cdk.database import Database
 from cdk.dagster_taskiq_cdk.lambda_bundle import LAMBDA_PYTHON_VERSION
 from cdk.dagster_taskiq_cdk.paths import REPO_ROOT
 from cdk.dagster_taskiq_cdk.settings import DLQ_RETENTION_SECONDS
-from dagster_taskiq.scaler import ScalerSettings
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.settings import (
     ENV_ALERT_TOPIC_ARN,
     ENV_CODE_LOCATIONS,
     ENV_CONCURRENCY,
@@ -21,6 +20,7 @@ from dagster_taskiq.settings import (
     ENV_DATABASE_URL,
     ENV_QUEUE_URL,
 )
+from dagster_taskiq.scaling.scaler import ScalerSettings
 
 from .conftest import Build
 

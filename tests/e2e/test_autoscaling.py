@@ -9,7 +9,7 @@ import pytest
 from dagster import DagsterInstance, execute_job, reconstructable
 
 from dagster_taskiq.local.stack import LocalStack, create_database, local_stack
-from dagster_taskiq.scaling import Reason, ScalingConfig
+from dagster_taskiq.scaling.policy import Reason, ScalingConfig
 from tests import jobs
 from tests.helpers import wait_for
 

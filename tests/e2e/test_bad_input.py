@@ -14,11 +14,11 @@ import pytest
 from dagster import DagsterInstance, execute_job, reconstructable
 from dagster._core.errors import DagsterInvalidConfigError
 
-from dagster_taskiq.ledger import Ledger
+from dagster_taskiq.core.ledger import Ledger
+from dagster_taskiq.core.messages import StepMessage, encode
+from dagster_taskiq.core.settings import ENV_CODE_LOCATIONS, ENV_QUEUE_URL
+from dagster_taskiq.core.sqs import SqsQueue
 from dagster_taskiq.local.stack import LocalStack
-from dagster_taskiq.messages import StepMessage, encode
-from dagster_taskiq.queue import SqsQueue
-from dagster_taskiq.settings import ENV_CODE_LOCATIONS, ENV_QUEUE_URL
 from tests import jobs
 from tests.conftest import REPO_ROOT, StackFactory, start_workers
 from tests.helpers import wait_for

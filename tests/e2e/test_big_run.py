@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from dagster_taskiq.ledger import Ledger, Status
+from dagster_taskiq.core.ledger import Ledger, Status
 from dagster_taskiq.local.stack import LocalStack
 from tests.conftest import REPO_ROOT, start_workers
 

@@ -6,11 +6,11 @@ import json
 
 from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructable
 
-from dagster_taskiq.dead_letters import Outcome
-from dagster_taskiq.ledger import Ledger, Status
+from dagster_taskiq.core.ledger import Ledger, Status
+from dagster_taskiq.core.sqs import SqsQueue
+from dagster_taskiq.dead_letters.processor import Outcome
 from dagster_taskiq.load.faults import DuplicatingRelay
 from dagster_taskiq.local.stack import LocalStack
-from dagster_taskiq.queue import SqsQueue
 from tests import jobs
 from tests.conftest import StackFactory, start_workers
 from tests.helpers import step_events, wait_for

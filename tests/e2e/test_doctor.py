@@ -25,17 +25,9 @@ from alembic import command
 from click.testing import CliRunner, Result
 
 from dagster_taskiq.cli import cli
-from dagster_taskiq.ledger import Ledger
-from dagster_taskiq.local.stack import (
-    EMULATOR_CREDENTIALS,
-    REGION,
-    LocalStack,
-    local_stack,
-    write_dagster_yaml,
-)
-from dagster_taskiq.migrations import alembic_config, ensure_schema
-from dagster_taskiq.scaling import ScalingConfig
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.ledger import Ledger
+from dagster_taskiq.core.migrations import alembic_config, ensure_schema
+from dagster_taskiq.core.settings import (
     ENV_DATABASE_URL,
     ENV_ECS_CLUSTER,
     ENV_ECS_SERVICE,
@@ -45,6 +37,13 @@ from dagster_taskiq.settings import (
     ENV_SIGNING_KEY_SECRET_ARN,
     read_secret_string,
 )
+from dagster_taskiq.local.endpoints import EMULATOR_CREDENTIALS, REGION
+from dagster_taskiq.local.stack import (
+    LocalStack,
+    local_stack,
+    write_dagster_yaml,
+)
+from dagster_taskiq.scaling.policy import ScalingConfig
 from tests.conftest import REPO_ROOT, TEST_CODE_LOCATION, new_database
 from tests.helpers import wait_for
 

@@ -13,7 +13,7 @@ import pytest
 from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructable
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 
-from dagster_taskiq.ledger import Ledger, Status
+from dagster_taskiq.core.ledger import Ledger, Status
 from dagster_taskiq.load.faults import DuplicatingRelay
 from dagster_taskiq.local.stack import LocalStack
 from tests import jobs

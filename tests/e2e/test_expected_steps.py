@@ -8,11 +8,11 @@ from typing import Any
 import sqlalchemy as sa
 from dagster import DagsterInstance, execute_job, reconstructable
 
-from dagster_taskiq.ledger import Ledger
-from dagster_taskiq.outlook import OutlookStore, expected_steps
-from dagster_taskiq.queue import SqsQueue
-from dagster_taskiq.scaler import Scaler
-from dagster_taskiq.scaling import ScalingConfig
+from dagster_taskiq.core.ledger import Ledger
+from dagster_taskiq.core.sqs import SqsQueue
+from dagster_taskiq.scaling.outlook import OutlookStore, expected_steps
+from dagster_taskiq.scaling.policy import ScalingConfig
+from dagster_taskiq.scaling.scaler import Scaler
 from tests import outlook_jobs
 from tests.conftest import StackFactory, start_workers
 from tests.helpers import wait_for

@@ -24,13 +24,13 @@ from click.testing import CliRunner
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
 
 from dagster_taskiq.cli import cli
+from dagster_taskiq.core.settings import ledger_url
 from dagster_taskiq.load import executions, jobs
 from dagster_taskiq.load.faults import FaultLog
 from dagster_taskiq.load.runner import LoadRunner, RunLauncher, local_target
 from dagster_taskiq.load.scenarios import Fault, FaultKind, Plan, Submission, fanout, fast, slow
 from dagster_taskiq.load.sessions import RELAUNCHED, Sessions
 from dagster_taskiq.load.verify import Report, verify
-from dagster_taskiq.settings import ledger_url
 from tests.conftest import StackFactory, start_workers
 
 RUN_BOUND = 240.0  # seconds from submission to the end of any run

@@ -17,7 +17,7 @@ from dagster import (
 from dagster._core.execution.api import execute_run
 from dagster._core.execution.job_execution_result import JobExecutionResult
 
-from dagster_taskiq.ledger import Ledger, Status, StepRecord
+from dagster_taskiq.core.ledger import Ledger, Status, StepRecord
 from dagster_taskiq.load.faults import DuplicatingRelay, kill_whole_worker
 from dagster_taskiq.local.stack import LocalStack
 from tests import jobs

@@ -20,9 +20,9 @@ from dagster._core.code_pointer import FileCodePointer
 from dagster._core.execution.api import create_execution_plan
 from hypothesis import HealthCheck, Phase, given, settings
 
-from dagster_taskiq.ledger import Ledger, Status
-from dagster_taskiq.messages import StepMessage, encode, payload_hash, peek_key
-from dagster_taskiq.queue import SqsQueue
+from dagster_taskiq.core.ledger import Ledger, Status
+from dagster_taskiq.core.messages import StepMessage, encode, payload_hash, peek_key
+from dagster_taskiq.core.sqs import SqsQueue
 from dagster_taskiq.worker.fork_server import STEP_PROCESS_NAME
 from tests import hostile_marker
 from tests.conftest import StackFactory, start_workers

@@ -6,9 +6,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 from dagster import DagsterInstance, execute_job, reconstructable
 
-from dagster_taskiq.instance_storage import pooled_event_log, remember_run_stats_columns
-from dagster_taskiq.ledger import Ledger
+from dagster_taskiq.core.ledger import Ledger
 from dagster_taskiq.local.stack import LocalStack
+from dagster_taskiq.patches import pooled_event_log, remember_run_stats_columns
 from tests import jobs
 from tests.conftest import start_workers
 

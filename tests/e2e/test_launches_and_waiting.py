@@ -11,9 +11,9 @@ import sqlalchemy as sa
 from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructable
 from sqlalchemy.engine.default import DefaultDialect
 
-from dagster_taskiq.ledger import Ledger, Status
+from dagster_taskiq.core.ledger import Ledger, Status
+from dagster_taskiq.core.sqs import sqs_client
 from dagster_taskiq.local.stack import LocalStack
-from dagster_taskiq.queue import sqs_client
 from tests import jobs
 from tests.conftest import start_workers
 from tests.helpers import finished_records, step_events

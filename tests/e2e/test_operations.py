@@ -30,14 +30,14 @@ from rich.console import Console
 from rich.text import Text
 
 from dagster_taskiq.cli import cli
-from dagster_taskiq.ledger import Ledger
+from dagster_taskiq.core.ledger import Ledger
+from dagster_taskiq.core.settings import ENV_LOCAL_STACK, ENV_SIGNING_KEY
+from dagster_taskiq.core.sqs import SqsQueue
 from dagster_taskiq.local.stack import LocalStack, WorkerPool, local_stack
 from dagster_taskiq.operations.logs import LogQuery, follow_logs, parse_since
 from dagster_taskiq.operations.render import watch
 from dagster_taskiq.operations.target import resolve_target
-from dagster_taskiq.queue import SqsQueue
-from dagster_taskiq.scaling import ScalingConfig
-from dagster_taskiq.settings import ENV_LOCAL_STACK, ENV_SIGNING_KEY
+from dagster_taskiq.scaling.policy import ScalingConfig
 from tests import jobs
 from tests.conftest import REPO_ROOT, TEST_CODE_LOCATION, new_database
 from tests.helpers import AS_A_PIPE, RunProcess, wait_for

@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructable
 
-from dagster_taskiq.ledger import Ledger, Status
+from dagster_taskiq.core.ledger import Ledger, Status
+from dagster_taskiq.core.settings import ENV_PRIORITY_QUEUE_URL
+from dagster_taskiq.core.sqs import SqsQueue
 from dagster_taskiq.load import executions
 from dagster_taskiq.local.stack import LocalStack
-from dagster_taskiq.queue import SqsQueue
-from dagster_taskiq.settings import ENV_PRIORITY_QUEUE_URL
 from tests import jobs
 from tests.conftest import StackFactory, start_workers
 from tests.helpers import RunProcess, finished_records, step_events, wait_for

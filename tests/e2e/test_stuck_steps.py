@@ -9,10 +9,10 @@ import time
 
 from dagster import DagsterEventType, DagsterInstance
 
-from dagster_taskiq.dead_letters import Outcome
-from dagster_taskiq.health import RECEIVE_WAIT_SECONDS, VISIBILITY_MARGIN_SECONDS
-from dagster_taskiq.ledger import Ledger, Status
-from dagster_taskiq.queue import SqsQueue
+from dagster_taskiq.core.health import RECEIVE_WAIT_SECONDS, VISIBILITY_MARGIN_SECONDS
+from dagster_taskiq.core.ledger import Ledger, Status
+from dagster_taskiq.core.sqs import SqsQueue
+from dagster_taskiq.dead_letters.processor import Outcome
 from tests import jobs
 from tests.conftest import StackFactory, start_workers
 from tests.e2e.test_dead_letters import alerts

@@ -17,8 +17,8 @@ from typing import Any
 
 from dagster import DagsterEventType, DagsterInstance
 
-from dagster_taskiq.dead_letters import Outcome
-from dagster_taskiq.ledger import Ledger, Status
+from dagster_taskiq.core.ledger import Ledger, Status
+from dagster_taskiq.dead_letters.processor import Outcome
 from dagster_taskiq.load.faults import kill_whole_worker
 from dagster_taskiq.local.stack import WorkerPool
 from tests import jobs

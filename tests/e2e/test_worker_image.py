@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 from dagster import DagsterInstance, execute_job, reconstructable
 
-from dagster_taskiq.ledger import Ledger, Status
+from dagster_taskiq.core.ledger import Ledger, Status
 from dagster_taskiq.local.stack import LocalStack
 from dagster_taskiq.local.tcp_proxy import TcpProxy, postgres_target, tcp_proxy
 from tests import jobs

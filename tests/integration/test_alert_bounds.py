@@ -9,7 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
-from dagster_taskiq.dead_letters import (
+from dagster_taskiq.core.ledger import Ledger, Status
+from dagster_taskiq.core.messages import StepMessage, encode
+from dagster_taskiq.dead_letters.processor import (
     ALERT_FIELD_MAX_BYTES,
     SNS_MESSAGE_MAX_BYTES,
     DeadLetterProcessor,
@@ -17,8 +19,6 @@ from dagster_taskiq.dead_letters import (
     SnsAlerts,
     clip,
 )
-from dagster_taskiq.ledger import Ledger, Status
-from dagster_taskiq.messages import StepMessage, encode
 from tests.integration.test_dead_letters import (
     LEASE,
     SIGNING_KEY,

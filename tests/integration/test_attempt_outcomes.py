@@ -14,7 +14,7 @@ from dagster._core.execution.plan.objects import StepRetryData, StepSuccessData
 from dagster_postgres.event_log import PostgresEventLogStorage
 from dagster_shared.error import SerializableErrorInfo
 
-from dagster_taskiq.attempts import run_endings, step_endings
+from dagster_taskiq.executor.attempt_outcomes import run_endings, step_endings
 from tests.helpers import stored_entry
 
 

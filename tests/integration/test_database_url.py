@@ -7,12 +7,12 @@ import json
 import boto3
 import pytest
 
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.errors import ConfigurationError
+from dagster_taskiq.core.settings import (
     ENV_DATABASE_PASSWORD,
     ENV_DATABASE_SECRET_ARN,
     ENV_DATABASE_URL,
     ENV_DATABASE_USER,
-    ConfigurationError,
     database_url,
     with_password,
     with_user,

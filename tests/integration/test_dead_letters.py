@@ -16,17 +16,18 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from dagster_taskiq.dead_letters import (
+from dagster_taskiq.core.errors import LedgerUnavailable
+from dagster_taskiq.core.ledger import ClaimOutcome, Ledger, Status, StepRecord
+from dagster_taskiq.core.messages import StepMessage, encode
+from dagster_taskiq.core.sqs import sqs_client
+from dagster_taskiq.dead_letters.processor import (
     DeadLetter,
     DeadLetterProcessor,
     Outcome,
     SnsAlerts,
     sns_subject,
 )
-from dagster_taskiq.ledger import ClaimOutcome, Ledger, LedgerUnavailable, Status, StepRecord
-from dagster_taskiq.local.stack import EMULATOR_CREDENTIALS, REGION
-from dagster_taskiq.messages import StepMessage, encode
-from dagster_taskiq.queue import sqs_client
+from dagster_taskiq.local.endpoints import EMULATOR_CREDENTIALS, REGION
 
 if TYPE_CHECKING:
     from mypy_boto3_sns.client import SNSClient

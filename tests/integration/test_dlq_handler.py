@@ -16,21 +16,22 @@ from typing import Any
 import pytest
 from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 
-from dagster_taskiq.dead_letters import (
-    SNS_MESSAGE_MAX_BYTES,
-    DeadLetter,
-    DeadLetterProcessor,
-    DeadLetterResult,
-)
-from dagster_taskiq.ledger import Ledger, LedgerUnavailable, Status
-from dagster_taskiq.local.stack import REGION
-from dagster_taskiq.messages import encode
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.errors import LedgerUnavailable
+from dagster_taskiq.core.ledger import Ledger, Status
+from dagster_taskiq.core.messages import encode
+from dagster_taskiq.core.settings import (
     ENV_ALERT_TOPIC_ARN,
     ENV_DAGSTER_UI_URL,
     ENV_DATABASE_URL,
     ENV_SIGNING_KEY,
 )
+from dagster_taskiq.dead_letters.processor import (
+    SNS_MESSAGE_MAX_BYTES,
+    DeadLetter,
+    DeadLetterProcessor,
+    DeadLetterResult,
+)
+from dagster_taskiq.local.endpoints import REGION
 from lambdas.dlq_processor import handler
 from tests.helpers import LambdaContext
 from tests.integration.test_dead_letters import (

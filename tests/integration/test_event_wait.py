@@ -7,15 +7,16 @@ from __future__ import annotations
 import time
 import uuid
 from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import sqlalchemy as sa
-from dagster import DagsterEventType, EventLogRecord
+from dagster import DagsterEventType, DagsterInstance, EventLogRecord
 from dagster_postgres.event_log import PostgresEventLogStorage
 
-from dagster_taskiq.event_wait import RunEventWaiter, listen_connector
-from dagster_taskiq.instance_storage import EventBatch
-from dagster_taskiq.ledger import Ledger
+from dagster_taskiq.core.ledger import Ledger
+from dagster_taskiq.executor.event_wait import RunEventWaiter, listen_connector
+from dagster_taskiq.patches import EventBatch
 from tests.helpers import stored_entry
 
 
@@ -85,7 +86,7 @@ def test_a_batch_of_events_is_stored_and_notified_together(
 ) -> None:
     run = str(uuid.uuid4())
     waiter = _waiter(storage, run)
-    batch = EventBatch(SimpleNamespace(event_log_storage=storage))
+    batch = EventBatch(cast(DagsterInstance, SimpleNamespace(event_log_storage=storage)))
     try:
         with batch.holding({DagsterEventType.ENGINE_EVENT}):
             storage.store_event(stored_entry(run))

@@ -20,8 +20,8 @@ import psutil
 import pytest
 from dagster import DagsterInstance, execute_job, reconstructable
 
+from dagster_taskiq.core.messages import StepMessage
 from dagster_taskiq.local.stack import LocalStack
-from dagster_taskiq.messages import StepMessage
 from dagster_taskiq.worker import fork_server
 from dagster_taskiq.worker.config import CodeLocation
 from dagster_taskiq.worker.fork_server import (
@@ -202,7 +202,7 @@ def test_code_that_starts_a_thread_at_import_is_spawned_instead(
 def test_fork_hazards_are_threads_and_open_sockets(setup: str, hazard: str) -> None:
     code = (
         f"control = -1\n{setup}\n"
-        "from dagster_taskiq.worker.fork_server import fork_hazard\n"
+        "from dagster_taskiq.worker.fork_server_process import fork_hazard\n"
         "print(fork_hazard(control))\n"
         "import os; os._exit(0)\n"
     )

@@ -12,8 +12,8 @@ import boto3
 import pytest
 from aws_lambda_powertools import Logger
 
-from dagster_taskiq.ledger import ClaimOutcome, Ledger
-from dagster_taskiq.queue import ReceivedMessage, SqsQueue
+from dagster_taskiq.core.ledger import ClaimOutcome, Ledger
+from dagster_taskiq.core.sqs import ReceivedMessage, SqsQueue
 from dagster_taskiq.worker.heartbeat import VISIBILITY_MARGIN, Heartbeat, Lease, lease_within
 from dagster_taskiq.worker.protection import TaskProtection
 from tests.helpers import wait_for

@@ -14,9 +14,10 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from dagster_taskiq.ledger import ClaimOutcome, Ledger, LedgerUnavailable
-from dagster_taskiq.messages import MessageRejected, decode, payload_hash, peek_key
-from dagster_taskiq.migrations import ensure_schema
+from dagster_taskiq.core.errors import LedgerUnavailable, MessageRejected
+from dagster_taskiq.core.ledger import ClaimOutcome, Ledger
+from dagster_taskiq.core.messages import decode, payload_hash, peek_key
+from dagster_taskiq.core.migrations import ensure_schema
 from dagster_taskiq.worker.config import CodeLocation
 from dagster_taskiq.worker.execution import load_step_args, vet
 from dagster_taskiq.worker.origins import origin_allowed

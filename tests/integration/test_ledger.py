@@ -16,19 +16,19 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from dagster_taskiq.ledger import (
+from dagster_taskiq.core.errors import LedgerUnavailable
+from dagster_taskiq.core.ledger import (
     ERROR_TEXT_CHARS,
     NON_TERMINAL,
     TERMINAL,
     Claim,
     ClaimOutcome,
     Ledger,
-    LedgerUnavailable,
     Status,
     StepRecord,
 )
-from dagster_taskiq.messages import payload_hash
-from dagster_taskiq.migrations import ensure_schema
+from dagster_taskiq.core.messages import payload_hash
+from dagster_taskiq.core.migrations import ensure_schema
 
 HASH = payload_hash('{"step": "args"}')
 OTHER_HASH = payload_hash('{"step": "other"}')
@@ -746,7 +746,7 @@ def test_a_server_going_away_is_an_outage_and_a_bad_statement_is_not(
     # down") as DatabaseError; by their SQLSTATE they are outages, safe to retry.
     from pg8000.exceptions import DatabaseError
 
-    from dagster_taskiq.ledger import _is_outage
+    from dagster_taskiq.core.ledger import _is_outage
 
     orig = DatabaseError({"S": "FATAL", "C": state, "M": "message from the server"})
     error = sa.exc.DBAPIError.instance("SELECT 1", {}, orig, DatabaseError)

@@ -20,12 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 from dagster_taskiq.cli import cli
-from dagster_taskiq.ledger import Ledger
-from dagster_taskiq.local.stack import EMULATOR_CREDENTIALS, REGION
-from dagster_taskiq.operations.logs import LogQuery, follow_logs, parse_since
-from dagster_taskiq.operations.target import resolve_target
-from dagster_taskiq.queue import SqsQueue, create_queue_with_dlq, sqs_client
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.ledger import Ledger
+from dagster_taskiq.core.settings import (
     ENV_DATABASE_URL,
     ENV_DLQ_PROCESSOR_LOG_GROUP,
     ENV_ECS_CLUSTER,
@@ -38,6 +34,10 @@ from dagster_taskiq.settings import (
     ENV_STACK_OUTPUTS,
     ENV_WORKER_LOG_GROUP,
 )
+from dagster_taskiq.core.sqs import SqsQueue, create_queue_with_dlq, sqs_client
+from dagster_taskiq.local.endpoints import EMULATOR_CREDENTIALS, REGION
+from dagster_taskiq.operations.logs import LogQuery, follow_logs, parse_since
+from dagster_taskiq.operations.target import resolve_target
 from tests.helpers import AS_A_PIPE
 
 

@@ -7,9 +7,9 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from dagster_taskiq.ledger import Ledger, steps
-from dagster_taskiq.outlook import OutlookStore, expected_steps
-from dagster_taskiq.scaling import ExpectedSteps
+from dagster_taskiq.core.ledger import Ledger, steps
+from dagster_taskiq.scaling.outlook import OutlookStore, expected_steps
+from dagster_taskiq.scaling.policy import ExpectedSteps
 
 
 @pytest.fixture

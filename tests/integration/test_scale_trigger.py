@@ -11,8 +11,8 @@ import boto3
 import pytest
 
 from dagster_taskiq.local.endpoints import LambdaEndpoint
-from dagster_taskiq.scale_trigger import CHECK_INTERVAL_SECONDS, ScaleOutTrigger
-from dagster_taskiq.scaler import TRIGGER_SOURCE, EcsWorkerService
+from dagster_taskiq.scaling.scaler import TRIGGER_SOURCE, EcsWorkerService
+from dagster_taskiq.scaling.trigger import CHECK_INTERVAL_SECONDS, ScaleOutTrigger
 
 REGION = "us-east-1"
 

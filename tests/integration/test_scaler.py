@@ -16,14 +16,14 @@ import boto3
 import pytest
 import sqlalchemy as sa
 
-from dagster_taskiq import scaler as scaler_module
-from dagster_taskiq.ledger import Ledger, steps
-from dagster_taskiq.migrations import ensure_schema
-from dagster_taskiq.outlook import OutlookStore
-from dagster_taskiq.queue import SqsQueue, create_queue_with_dlq, sqs_client
-from dagster_taskiq.scaler import HistoryStore, Scaler, ScalerSettings
-from dagster_taskiq.scaling import ExpectedSteps
-from dagster_taskiq.settings import ConfigurationError
+from dagster_taskiq.core.errors import ConfigurationError
+from dagster_taskiq.core.ledger import Ledger, steps
+from dagster_taskiq.core.migrations import ensure_schema
+from dagster_taskiq.core.sqs import SqsQueue, create_queue_with_dlq, sqs_client
+from dagster_taskiq.scaling import scaler as scaler_module
+from dagster_taskiq.scaling.outlook import OutlookStore
+from dagster_taskiq.scaling.policy import ExpectedSteps
+from dagster_taskiq.scaling.scaler import HistoryStore, Scaler, ScalerSettings
 from lambdas.scaler import handler
 from tests.helpers import LambdaContext
 

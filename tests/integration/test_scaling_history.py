@@ -10,10 +10,10 @@ from pathlib import Path
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from dagster_taskiq.ledger import Ledger, steps
-from dagster_taskiq.migrations import ensure_schema
-from dagster_taskiq.simulation.commands import scaling
-from dagster_taskiq.simulation.history import read_history
+from dagster_taskiq.core.ledger import Ledger, steps
+from dagster_taskiq.core.migrations import ensure_schema
+from dagster_taskiq.scaling.simulation.commands import scaling
+from dagster_taskiq.scaling.simulation.history import read_history
 
 
 def _step(

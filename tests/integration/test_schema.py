@@ -14,19 +14,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from dagster import DagsterInstance, execute_job, reconstructable
 
-from dagster_taskiq.ledger import Ledger, Status, metadata
-from dagster_taskiq.migrations import ensure_schema, script_revisions
-from dagster_taskiq.outlook import outlook_metadata
-from dagster_taskiq.queue import SqsQueue
-from dagster_taskiq.scaler import Scaler, history_metadata
-from dagster_taskiq.scaling import ScalingConfig
-from dagster_taskiq.schema import (
-    HEAD,
-    REVISIONS,
-    VERSION_TABLE,
-    SchemaMismatch,
-    SchemaStatus,
-)
+from dagster_taskiq.core.errors import SchemaMismatch
+from dagster_taskiq.core.ledger import Ledger, Status, metadata
+from dagster_taskiq.core.migrations import ensure_schema, script_revisions
+from dagster_taskiq.core.schema import HEAD, REVISIONS, VERSION_TABLE, SchemaStatus
+from dagster_taskiq.core.sqs import SqsQueue
+from dagster_taskiq.scaling.outlook import outlook_metadata
+from dagster_taskiq.scaling.policy import ScalingConfig
+from dagster_taskiq.scaling.scaler import Scaler, history_metadata
 from tests import jobs
 from tests.conftest import StackFactory, start_workers
 from tests.helpers import REPO_ROOT, finished_records
@@ -118,8 +113,8 @@ def test_a_current_ledger_is_checked_without_importing_alembic(
     ensure_schema(fresh, component="test")
     code = (
         "import sys\n"
-        "from dagster_taskiq.ledger import Ledger\n"
-        "from dagster_taskiq.migrations import ensure_schema\n"
+        "from dagster_taskiq.core.ledger import Ledger\n"
+        "from dagster_taskiq.core.migrations import ensure_schema\n"
         "ledger = Ledger(sys.argv[1])\n"
         "print(ensure_schema(ledger, component='worker').status.name)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))\n"

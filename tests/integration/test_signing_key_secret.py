@@ -16,17 +16,17 @@ from dagster import DagsterInstance
 from dagster._config import process_config
 
 from dagster_taskiq import cli
-from dagster_taskiq.executor import ExecutorSettings, taskiq_executor
-from dagster_taskiq.local.stack import REGION
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.errors import ConfigurationError
+from dagster_taskiq.core.settings import (
     ENV_ALERT_TOPIC_ARN,
     ENV_DATABASE_URL,
     ENV_SIGNING_KEY,
     ENV_SIGNING_KEY_SECRET_ARN,
-    ConfigurationError,
     read_secret_string,
     signing_key,
 )
+from dagster_taskiq.executor.definition import ExecutorSettings, taskiq_executor
+from dagster_taskiq.local.endpoints import REGION
 from dagster_taskiq.worker import run as worker_run
 from dagster_taskiq.worker.config import WorkerSettings
 from lambdas.dlq_processor.handler import ProcessorSettings, build_processor

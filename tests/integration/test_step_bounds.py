@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from dagster_taskiq import step_handler
-from dagster_taskiq.dead_letters import DeadLetterProcessor, Outcome, SnsAlerts
-from dagster_taskiq.health import CANCEL_GRACE_SECONDS, VISIBILITY_MARGIN_SECONDS
-from dagster_taskiq.ledger import ClaimOutcome, Ledger, Status, steps
-from dagster_taskiq.messages import StepMessage
-from dagster_taskiq.routing import QueueRoute, Routing
-from dagster_taskiq.step_handler import LaunchSettings, SqsStepHandler
+from dagster_taskiq.core.health import CANCEL_GRACE_SECONDS, VISIBILITY_MARGIN_SECONDS
+from dagster_taskiq.core.ledger import ClaimOutcome, Ledger, Status, steps
+from dagster_taskiq.core.messages import StepMessage
+from dagster_taskiq.core.routing import QueueRoute, Routing
+from dagster_taskiq.dead_letters.processor import DeadLetterProcessor, Outcome, SnsAlerts
+from dagster_taskiq.executor import step_handler
+from dagster_taskiq.executor.step_handler import LaunchSettings, SqsStepHandler
 from tests.integration.test_dead_letters import (
     SIGNING_KEY,
     UI_URL,

@@ -19,8 +19,8 @@ from dagster._core.executor.step_delegating.step_delegating_executor import (
 from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
 from dagster_postgres.event_log import event_log as pg_event_log
 
-from dagster_taskiq import event_wait
-from dagster_taskiq.executor import TaskiqExecutor
+from dagster_taskiq.executor import event_wait
+from dagster_taskiq.executor.definition import TaskiqExecutor
 
 
 def _tree(function: object) -> ast.AST:

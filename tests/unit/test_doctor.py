@@ -16,19 +16,19 @@ from botocore.exceptions import ClientError
 from dagster import job, op, reconstructable
 from dagster._utils.interrupts import capture_interrupts, check_captured_interrupt
 
-from dagster_taskiq import canary
-from dagster_taskiq.doctor.canary import _interrupt_after
-from dagster_taskiq.doctor.checks import CheckResult, Outcome, failed, passed, skipped
-from dagster_taskiq.doctor.command import load_executor_config, render
-from dagster_taskiq.doctor.run import DoctorReport, deployment_defaults
-from dagster_taskiq.local.endpoints import LambdaEndpoint
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.settings import (
     ENV_ECS_SERVICE,
     ENV_QUEUE_URL,
     ENV_SIGNING_KEY,
     ENV_SIGNING_KEY_SECRET_ARN,
     ENV_STACK_OUTPUTS,
 )
+from dagster_taskiq.local.endpoints import LambdaEndpoint
+from dagster_taskiq.operations.doctor import canary_job as canary
+from dagster_taskiq.operations.doctor.canary import _interrupt_after
+from dagster_taskiq.operations.doctor.checks import CheckResult, Outcome, failed, passed, skipped
+from dagster_taskiq.operations.doctor.command import load_executor_config, render
+from dagster_taskiq.operations.doctor.run import DoctorReport, deployment_defaults
 from dagster_taskiq.worker.config import CodeLocation
 from dagster_taskiq.worker.origins import CANARY_MODULE, origin_allowed
 
@@ -186,7 +186,7 @@ def test_the_local_lambda_endpoint_answers_a_dry_run_without_running_the_functio
 
 def test_the_command_imports_no_dagster() -> None:
     code = (
-        "import sys, dagster_taskiq.doctor.command\n"
+        "import sys, dagster_taskiq.operations.doctor.command\n"
         "print(','.join(m for m in sys.modules if m == 'dagster' or m.startswith('dagster.')))"
     )
     found = subprocess.run(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from dagster_taskiq.worker.storage import rewrite_cut_events
+from dagster_taskiq.worker.step_storage import rewrite_cut_events
+
+if TYPE_CHECKING:
+    from dagster import DagsterInstance
 
 
 @dataclass
@@ -45,7 +48,7 @@ class Instance:
 )
 def test_a_repeatable_event_is_written_once_the_database_is_back(entry: Entry) -> None:
     instance = Instance(CutOnce(cuts=2))
-    rewrite_cut_events(instance)
+    rewrite_cut_events(cast("DagsterInstance", instance))
     instance.event_log_storage.store_event(entry)
     assert instance.event_log_storage.stored == [entry]
 
@@ -53,7 +56,7 @@ def test_a_repeatable_event_is_written_once_the_database_is_back(entry: Entry) -
 @pytest.mark.parametrize("event_type", ["STEP_SUCCESS", "STEP_FAILURE", "STEP_OUTPUT"])
 def test_an_ending_or_an_output_is_not_written_twice(event_type: str) -> None:
     instance = Instance(CutOnce(cuts=1))
-    rewrite_cut_events(instance)
+    rewrite_cut_events(cast("DagsterInstance", instance))
     with pytest.raises(OperationalError):
         instance.event_log_storage.store_event(Entry(Event(event_type)))
     assert instance.event_log_storage.stored == []
@@ -61,6 +64,6 @@ def test_an_ending_or_an_output_is_not_written_twice(event_type: str) -> None:
 
 def test_a_longer_outage_still_fails_the_write() -> None:
     instance = Instance(CutOnce(cuts=100))
-    rewrite_cut_events(instance, patience=0.5)
+    rewrite_cut_events(cast("DagsterInstance", instance), patience=0.5)
     with pytest.raises(OperationalError):
         instance.event_log_storage.store_event(Entry(Event("STEP_INPUT")))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from dagster_taskiq.event_wait import CHANNEL, RunEventWaiter
+from dagster_taskiq.executor.event_wait import CHANNEL, RunEventWaiter
 
 
 @dataclass

@@ -6,14 +6,10 @@ from typing import Any
 
 import pytest
 
-from dagster_taskiq.executor import ExecutorSettings, _routing, scale_out_triggers
-from dagster_taskiq.settings import (
-    ENV_PRIORITY_QUEUE_URL,
-    ENV_QUEUE_URL,
-    ENV_SCALER_FUNCTION,
-    ConfigurationError,
-)
-from dagster_taskiq.step_handler import LaunchSettings
+from dagster_taskiq.core.errors import ConfigurationError
+from dagster_taskiq.core.settings import ENV_PRIORITY_QUEUE_URL, ENV_QUEUE_URL, ENV_SCALER_FUNCTION
+from dagster_taskiq.executor.definition import ExecutorSettings, _routing, scale_out_triggers
+from dagster_taskiq.executor.step_handler import LaunchSettings
 
 Q = "https://sqs.us-east-1.amazonaws.com/123456789012"
 

@@ -1,8 +1,8 @@
 """The steps a run will launch next, read from Dagster's ActiveExecution.
 
-A contract test: ``dagster_taskiq.expected`` reads ActiveExecution's private state, so this
-drives a real one through Dagster's own event handling and checks what is counted at each
-point. It fails if a Dagster release changes that state.
+A contract test: ``dagster_taskiq.executor.expected_steps`` reads ActiveExecution's private
+state, so this drives a real one through Dagster's own event handling and checks what is
+counted at each point. It fails if a Dagster release changes that state.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dagster._core.execution.plan.plan import ExecutionPlan
 from dagster._core.execution.plan.step import IExecutionStep
 from dagster._core.execution.retries import RetryMode
 
-from dagster_taskiq.expected import RunOutlook, by_queue, upcoming_steps
-from dagster_taskiq.routing import QUEUE_TAG, QueueRoute, Routing
-from dagster_taskiq.scaling import ExpectedSteps
+from dagster_taskiq.core.routing import QUEUE_TAG, QueueRoute, Routing
+from dagster_taskiq.executor.expected_steps import RunOutlook, by_queue, upcoming_steps
+from dagster_taskiq.scaling.policy import ExpectedSteps
 
 
 @op

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from dagster_taskiq.worker import supervisor
+from dagster_taskiq.worker.config import STEP_PROCESS_SPAWN, WorkerSettings
 from dagster_taskiq.worker.supervisor import Slot, Worker
 
 
@@ -37,10 +38,17 @@ class FakeProtection:
 
 
 def _recording_worker(recorded: Recorded) -> Worker:
-    worker = Worker.__new__(Worker)  # only what _record uses
-    worker.heartbeat = FakeHeartbeat()  # type: ignore[assignment]
-    worker.protection = FakeProtection(recorded)  # type: ignore[assignment]
-    return worker
+    settings = WorkerSettings(
+        queue_urls=("q",), database_url="", code_locations=(), step_process_start=STEP_PROCESS_SPAWN
+    )
+    unused: Any = None  # _record talks to neither
+    return Worker(
+        settings,
+        queues={"q": unused},
+        ledger=unused,
+        heartbeat=FakeHeartbeat(),  # type: ignore[arg-type]
+        protection=FakeProtection(recorded),  # type: ignore[arg-type]
+    )
 
 
 def _record_in_background(

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dagster_taskiq.health import (
+from dagster_taskiq.core.errors import LedgerUnavailable
+from dagster_taskiq.core.health import (
     CANCEL_GRACE_SECONDS,
     RECEIVE_WAIT_SECONDS,
     VISIBILITY_MARGIN_SECONDS,
@@ -21,9 +22,9 @@ from dagster_taskiq.health import (
     dead_letter_grace,
     judge,
 )
-from dagster_taskiq.ledger import NON_TERMINAL, LedgerUnavailable, Status, StepRecord
-from dagster_taskiq.routing import QueueRoute, Routing
-from dagster_taskiq.step_handler import LaunchSettings, SqsStepHandler
+from dagster_taskiq.core.ledger import NON_TERMINAL, Status, StepRecord
+from dagster_taskiq.core.routing import QueueRoute, Routing
+from dagster_taskiq.executor.step_handler import LaunchSettings, SqsStepHandler
 
 BUDGET = 3
 RETENTION = 3_600

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from dagster_taskiq import step_handler
-from dagster_taskiq.ledger import Status, StepRecord
-from dagster_taskiq.routing import QueueRoute, Routing
-from dagster_taskiq.step_handler import LaunchSettings, SqsStepHandler
+from dagster_taskiq.core.ledger import Status, StepRecord
+from dagster_taskiq.core.routing import QueueRoute, Routing
+from dagster_taskiq.executor import step_handler
+from dagster_taskiq.executor.step_handler import LaunchSettings, SqsStepHandler
 
 
 def _record(key: str, status: Status = Status.RUNNING) -> StepRecord:

@@ -12,18 +12,17 @@ from typing import Any
 
 import pytest
 
-from dagster_taskiq.messages import (
+from dagster_taskiq.core.errors import MessageRejected, MessageTooLarge
+from dagster_taskiq.core.messages import (
     DEFAULT_MAX_STEP_ARGS_BYTES,
-    MessageRejected,
-    MessageTooLarge,
     StepMessage,
     decode,
     encode,
     safe_text,
 )
-from dagster_taskiq.queue import ReceivedMessage
+from dagster_taskiq.core.sqs import ReceivedMessage
 from dagster_taskiq.worker import execution, step_process
-from dagster_taskiq.worker.config import CodeLocation
+from dagster_taskiq.worker.config import STEP_PROCESS_SPAWN, CodeLocation, WorkerSettings
 from dagster_taskiq.worker.execution import load_step_args, vet
 from dagster_taskiq.worker.origins import origin_allowed
 from dagster_taskiq.worker.supervisor import Worker
@@ -215,9 +214,15 @@ class FailingLedger:
         raise self.error
 
 
-@dataclass(frozen=True)
-class FakeSettings:
-    worker_id: str = "worker-1"
+def _settings(**changes: Any) -> WorkerSettings:
+    return WorkerSettings(
+        queue_urls=("q",),
+        database_url="",
+        code_locations=LOCATIONS,
+        step_process_start=STEP_PROCESS_SPAWN,
+        worker_id="worker-1",
+        **changes,
+    )
 
 
 @pytest.mark.parametrize(
@@ -229,12 +234,13 @@ class FakeSettings:
     ids=["client-side", "other"],
 )
 def test_a_rejection_that_cannot_be_recorded_is_logged_and_left_to_sqs(error: Exception) -> None:
-    worker = Worker.__new__(Worker)  # only what _reject uses
     log, queue = FakeLog(), FakeQueue()
-    worker.log = log  # type: ignore[assignment]
-    worker.ledger = FailingLedger(error)  # type: ignore[assignment]
-    worker.settings = FakeSettings()  # type: ignore[assignment]
-    worker.queues = {"q": queue}  # type: ignore[dict-item]
+    worker = Worker(
+        _settings(),
+        queues={"q": queue},  # type: ignore[dict-item]
+        ledger=FailingLedger(error),  # type: ignore[arg-type]
+        log=log,  # type: ignore[arg-type]
+    )
     received = ReceivedMessage(
         message_id="m-1",
         receipt_handle="r-1",
@@ -267,21 +273,14 @@ class RecordingLedger:
         self.rejections.append(record)
 
 
-@dataclass(frozen=True)
-class BoundSettings:
-    max_step_args_bytes: int
-    worker_id: str = "worker-1"
-    signing_key: str | None = None
-    max_message_bytes: int = 256 * 1024
-
-
 def test_the_worker_rejects_step_arguments_beyond_its_bound() -> None:
-    worker = Worker.__new__(Worker)  # only what handle uses before a claim
     ledger, queue = RecordingLedger(), FakeQueue()
-    worker.log = FakeLog()  # type: ignore[assignment]
-    worker.ledger = ledger  # type: ignore[assignment]
-    worker.settings = BoundSettings(max_step_args_bytes=10_000)  # type: ignore[assignment]
-    worker.queues = {"q": queue}  # type: ignore[dict-item]
+    worker = Worker(
+        _settings(max_step_args_bytes=10_000, max_message_bytes=256 * 1024),
+        queues={"q": queue},  # type: ignore[dict-item]
+        ledger=ledger,  # type: ignore[arg-type]
+        log=FakeLog(),  # type: ignore[arg-type]
+    )
     message = StepMessage.new("run", "step", 0, "a" * 20_000, lease_seconds=30)  # compressed
     body = encode(message, signing_key=None, max_bytes=256 * 1024)
     received = ReceivedMessage("m-1", "r-1", body, 1, 0, "q")

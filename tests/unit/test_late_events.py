@@ -14,7 +14,7 @@ from dagster._core.events.log import EventLogEntry
 from dagster._core.execution.retries import RetryMode
 from dagster._core.executor.step_delegating import CheckStepHealthResult, StepHandler
 
-from dagster_taskiq.executor import TaskiqExecutor
+from dagster_taskiq.executor.definition import TaskiqExecutor
 
 
 class NoSteps(StepHandler):

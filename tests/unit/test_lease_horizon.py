@@ -9,7 +9,7 @@ from aws_lambda_powertools import Logger
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dagster_taskiq.queue import QueueUnavailable
+from dagster_taskiq.core.errors import QueueUnavailable
 from dagster_taskiq.worker.heartbeat import (
     VISIBILITY_MARGIN,
     Heartbeat,

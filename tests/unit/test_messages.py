@@ -12,13 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dagster_taskiq.messages import (
+from dagster_taskiq.core.errors import MessageRejected, MessageTooLarge
+from dagster_taskiq.core.messages import (
     COMPRESS_ABOVE_BYTES,
     ENCODING_JSON,
     ENCODING_ZLIB,
     SCHEMA_VERSION,
-    MessageRejected,
-    MessageTooLarge,
     StepMessage,
     decode,
     encode,

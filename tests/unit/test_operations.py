@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from dagster_taskiq.core.errors import ConfigurationError
+from dagster_taskiq.core.settings import (
+    ENV_DLQ_URL,
+    ENV_LOCAL_STACK,
+    ENV_QUEUE_URL,
+    ENV_STACK_OUTPUTS,
+)
 from dagster_taskiq.operations.logs import LogQuery, file_events, parse_since, read_logs
 from dagster_taskiq.operations.render import duration
 from dagster_taskiq.operations.target import (
     pools_from_outputs,
     read_outputs_file,
     resolve_target,
-)
-from dagster_taskiq.settings import (
-    ENV_DLQ_URL,
-    ENV_LOCAL_STACK,
-    ENV_QUEUE_URL,
-    ENV_STACK_OUTPUTS,
-    ConfigurationError,
 )
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)

@@ -18,7 +18,7 @@ from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.test_utils import instance_for_test
 from dagster._utils.hosted_user_process import recon_job_from_origin
 
-from dagster_taskiq.messages import StepMessage
+from dagster_taskiq.core.messages import StepMessage
 from dagster_taskiq.worker import plans as plans_module
 from dagster_taskiq.worker.config import CodeLocation
 from dagster_taskiq.worker.execution import (

@@ -15,7 +15,7 @@ from dagster._core.test_utils import instance_for_test
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import serialize_value
 
-from dagster_taskiq.messages import StepMessage
+from dagster_taskiq.core.messages import StepMessage
 from dagster_taskiq.worker.config import CodeLocation
 from dagster_taskiq.worker.execution import (
     READ_AHEAD_FRESH_SECONDS,

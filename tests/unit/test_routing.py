@@ -6,14 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dagster_taskiq.routing import (
+from dagster_taskiq.core.errors import RoutingError
+from dagster_taskiq.core.routing import (
     DAGSTER_PRIORITY_TAG,
     PRIORITY_TAG,
     QUEUE_TAG,
     RUN_PRIORITY_TAG,
     QueueRoute,
     Routing,
-    RoutingError,
     poll_order,
 )
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dagster_taskiq.scaling import (
+from dagster_taskiq.scaling.policy import (
     Decision,
     ExpectedSteps,
     QueueSignals,
@@ -560,7 +560,7 @@ def test_idle_for_longer_than_the_window_ends_at_min_workers(
 
 def test_module_imports_no_heavy_dependencies() -> None:
     code = (
-        "import dagster_taskiq.scaling, sys\n"
+        "import dagster_taskiq.scaling.policy, sys\n"
         "print([m for m in sys.modules"
         " if m.split('.')[0] in ('dagster', 'boto3', 'botocore', 'sqlalchemy')])"
     )

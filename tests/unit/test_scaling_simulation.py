@@ -11,18 +11,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dagster_taskiq.scaling import ScalingConfig
-from dagster_taskiq.simulation import report
-from dagster_taskiq.simulation.commands import scaling
-from dagster_taskiq.simulation.engine import GRACE_SECONDS, RunState, Simulation
-from dagster_taskiq.simulation.oracle import OracleSimulation
-from dagster_taskiq.simulation.policies import (
+from dagster_taskiq.scaling.policy import ScalingConfig
+from dagster_taskiq.scaling.simulation import report
+from dagster_taskiq.scaling.simulation.commands import scaling
+from dagster_taskiq.scaling.simulation.engine import GRACE_SECONDS, RunState, Simulation
+from dagster_taskiq.scaling.simulation.oracle import OracleSimulation
+from dagster_taskiq.scaling.simulation.policies import (
     EVALUATION_SECONDS,
     INVOKE_SECONDS,
     KedaPolicy,
     TaskiqPolicy,
 )
-from dagster_taskiq.simulation.workload import (
+from dagster_taskiq.scaling.simulation.workload import (
     BUILT_IN,
     RunSpec,
     Scenario,

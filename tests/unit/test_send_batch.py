@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from dagster_taskiq.queue import OutgoingMessage, QueueUnavailable, SqsQueue
+from dagster_taskiq.core.errors import QueueUnavailable
+from dagster_taskiq.core.sqs import OutgoingMessage, SqsQueue
 
 
 class Client:

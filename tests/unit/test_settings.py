@@ -8,11 +8,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import sqlalchemy as sa
 
-from dagster_taskiq.ledger import pg8000_connect_args
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.errors import ConfigurationError
+from dagster_taskiq.core.ledger import pg8000_connect_args
+from dagster_taskiq.core.settings import (
     DAGSTER_STORAGE_DRIVER,
     LEDGER_DRIVER,
-    ConfigurationError,
     dagster_storage_url,
     env_or,
     ledger_url,

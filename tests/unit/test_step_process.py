@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from dagster_taskiq.messages import StepMessage
+from dagster_taskiq.core.messages import StepMessage
 from dagster_taskiq.worker.step_process import StepProcess, StepProcessDied
 
 

@@ -260,7 +260,7 @@ def _verification_endpoints(stack_dir: Path) -> Iterator[tuple[Any, str]]:
     """The instance and database of the environment, or of the local stack's data."""
     from dagster import DagsterInstance
 
-    from dagster_taskiq.settings import ENV_DATABASE_URL
+    from dagster_taskiq.core.settings import ENV_DATABASE_URL
 
     url = os.environ.get(ENV_DATABASE_URL)
     if url and os.environ.get("DAGSTER_HOME"):

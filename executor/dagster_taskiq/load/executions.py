@@ -18,8 +18,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from dagster_taskiq.settings import ENV_DATABASE_URL, ledger_url
-from dagster_taskiq.step_handler import retry_while_unreachable
+from dagster_taskiq.core.retry import retry_while_unreachable
+from dagster_taskiq.core.settings import ENV_DATABASE_URL, ledger_url
 from dagster_taskiq.worker.attempt_context import current_attempt
 
 ENV_RECORD_URL = "DAGSTER_TASKIQ_LOAD_RECORD_URL"

@@ -27,10 +27,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
+from dagster_taskiq.core.errors import QueueUnavailable
+from dagster_taskiq.core.settings import ENV_DATABASE_URL, ENV_ENDPOINT_URL
+from dagster_taskiq.core.sqs import SqsQueue, create_queue_with_dlq, sqs_client
 from dagster_taskiq.local.stack import LocalStack, WorkerPool, write_dagster_yaml
 from dagster_taskiq.local.tcp_proxy import TcpProxy, postgres_target
-from dagster_taskiq.queue import QueueUnavailable, SqsQueue, create_queue_with_dlq, sqs_client
-from dagster_taskiq.settings import ENV_DATABASE_URL, ENV_ENDPOINT_URL
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from dagster import (
     op,
 )
 
-from dagster_taskiq.executor import taskiq_executor
+from dagster_taskiq.executor.definition import taskiq_executor
 from dagster_taskiq.load.executions import END, START, record
 
 CODE_LOCATION = "dagster_taskiq.load.jobs"

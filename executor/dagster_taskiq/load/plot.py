@@ -5,12 +5,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from dagster_taskiq.load.faults import FaultMark
-
-if TYPE_CHECKING:
-    from dagster_taskiq.load.runner import Sample
+from dagster_taskiq.load.samples import Sample
 
 FAULT_COLOURS = {
     "kill_worker": "tab:red",

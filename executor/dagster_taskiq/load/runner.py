@@ -27,7 +27,11 @@ from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, reconstructab
 from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import serialize_value
 
-from dagster_taskiq.ledger import Ledger
+from dagster_taskiq.core.errors import QueueUnavailable
+from dagster_taskiq.core.ledger import Ledger
+from dagster_taskiq.core.retry import retry_while_unreachable
+from dagster_taskiq.core.settings import ENV_DATABASE_URL, ENV_ENDPOINT_URL, ENV_QUEUE_URL
+from dagster_taskiq.core.sqs import SqsQueue
 from dagster_taskiq.load import jobs
 from dagster_taskiq.load.executions import ENV_RECORD_URL
 from dagster_taskiq.load.faults import (
@@ -37,14 +41,12 @@ from dagster_taskiq.load.faults import (
     WorkerKiller,
     WorkerNetwork,
 )
+from dagster_taskiq.load.samples import Sample
 from dagster_taskiq.load.scenarios import Fault, FaultKind, Plan, Submission
 from dagster_taskiq.load.sessions import LOAD_TAG, RELAUNCHED, Sessions
 from dagster_taskiq.load.verify import Report, verify
 from dagster_taskiq.local.stack import LocalStack, WorkerPool, local_stack
-from dagster_taskiq.queue import QueueUnavailable, SqsQueue
-from dagster_taskiq.scaling import ScalingConfig
-from dagster_taskiq.settings import ENV_DATABASE_URL, ENV_ENDPOINT_URL, ENV_QUEUE_URL
-from dagster_taskiq.step_handler import retry_while_unreachable
+from dagster_taskiq.scaling.policy import ScalingConfig
 
 SAMPLE_SECONDS = 1.0
 RUN_WORKER_LAUNCHES = 3  # per run, for a run whose run workers exit before it starts
@@ -53,19 +55,6 @@ NOT_YET_STARTED = frozenset({DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STAR
 RUNS_START_PATIENCE = 60.0  # seconds a fault waits for runs to start (once_runs_started)
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Sample:
-    at: float  # time.time()
-    queue_visible: int | None
-    queue_in_flight: int | None
-    desired_workers: int | None
-    running_workers: int | None
-    live_leases: int | None
-    steps_finished: int | None  # since the load began
-    runs_submitted: int
-    runs_finished: int
 
 
 @dataclass

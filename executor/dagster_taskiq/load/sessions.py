@@ -14,9 +14,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from dagster_taskiq.core.settings import ledger_url
 from dagster_taskiq.load.executions import ensure_tables
 from dagster_taskiq.load.faults import FaultMark, killed_pids
-from dagster_taskiq.settings import ledger_url
 
 LOAD_TAG = "dagster-taskiq/load"  # on every run the simulator submits: the load id
 # The engine event the load's run launcher writes on a run before it launches the run

@@ -42,11 +42,11 @@ from typing import Any
 import sqlalchemy as sa
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
-from dagster_taskiq.ledger import NON_TERMINAL, Ledger, Status, StepRecord
+from dagster_taskiq.core.ledger import NON_TERMINAL, Ledger, Status, StepRecord
+from dagster_taskiq.core.settings import ledger_url
 from dagster_taskiq.load import executions
 from dagster_taskiq.load.jobs import EXPECTED_STATUS
 from dagster_taskiq.load.sessions import LOAD_TAG, RELAUNCHED, Session
-from dagster_taskiq.settings import ledger_url
 
 ENDINGS = {
     DagsterEventType.STEP_SUCCESS,

@@ -7,22 +7,25 @@ the scaler through Lambda's Invoke API (served locally by ``LambdaEndpoint``).
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dagster_taskiq.ledger import Ledger
-from dagster_taskiq.local.stack import LocalStack, WorkerPool
-from dagster_taskiq.migrations import ensure_schema
-from dagster_taskiq.queue import SqsQueue
-from dagster_taskiq.scaler import Evaluation, Scaler
-from dagster_taskiq.scaling import ScalingConfig
+from dagster_taskiq.core.ledger import Ledger
+from dagster_taskiq.core.migrations import ensure_schema
+from dagster_taskiq.core.observability import module_logger
+from dagster_taskiq.core.sqs import SqsQueue
+from dagster_taskiq.scaling.policy import ScalingConfig
+from dagster_taskiq.scaling.scaler import Evaluation, Scaler
+
+if TYPE_CHECKING:
+    # Types only: the stack starts this autoscaler, this autoscaler never starts a stack.
+    from dagster_taskiq.local.stack import LocalStack, WorkerPool
 
 LOCAL_SCALER_FUNCTION = "dagster-taskiq-local-scaler"
 
-log = logging.getLogger("dagster_taskiq.local.autoscale")
+log = module_logger(__name__)
 
 
 class LocalWorkerService:

@@ -18,21 +18,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dagster_taskiq.dead_letters import DeadLetterResult
-    from dagster_taskiq.scaler import Evaluation
+    from dagster_taskiq.dead_letters.processor import DeadLetterResult
+    from dagster_taskiq.scaling.scaler import Evaluation
 
 SCALER_LOG = "scaler.log"
 DLQ_PROCESSOR_LOG = "dlq-processor.log"
 # The loggers whose records each file gets. "dlq-processor" is the powertools logger of
-# dagster_taskiq.dead_letters (powertools names it after the service).
-SCALER_LOGGERS = ("dagster_taskiq.scaler", "dagster_taskiq.local.autoscale")
-DLQ_PROCESSOR_LOGGERS = ("dlq-processor", "dagster_taskiq.local.dead_letters")
+# dagster_taskiq.dead_letters.processor (powertools names it after the service).
+SCALER_LOGGERS = ("dagster_taskiq.scaling.scaler", "dagster_taskiq.local.autoscale")
+DLQ_PROCESSOR_LOGGERS = ("dlq-processor", "dagster_taskiq.local.dlq_processor")
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 log_scaler = logging.getLogger("dagster_taskiq.local.autoscale")
-log_dead_letters = logging.getLogger("dagster_taskiq.local.dead_letters")
+log_dead_letters = logging.getLogger("dagster_taskiq.local.dlq_processor")
 
 
 class JsonLines(logging.Formatter):

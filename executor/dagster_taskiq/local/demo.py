@@ -22,12 +22,12 @@ from dagster import (
     reconstructable,
 )
 
-from dagster_taskiq.dead_letters import DeadLetterResult
-from dagster_taskiq.ledger import Ledger, Status
+from dagster_taskiq.core.ledger import Ledger, Status
+from dagster_taskiq.dead_letters.processor import DeadLetterResult
 from dagster_taskiq.local.autoscale import LocalAutoscaler
 from dagster_taskiq.local.stack import LocalStack, local_stack
-from dagster_taskiq.scaler import Evaluation
-from dagster_taskiq.scaling import Reason, ScalingConfig
+from dagster_taskiq.scaling.policy import Reason, ScalingConfig
+from dagster_taskiq.scaling.scaler import Evaluation
 
 
 def say(text: str) -> None:

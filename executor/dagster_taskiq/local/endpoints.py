@@ -17,6 +17,11 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+# The region every local AWS client names (moto's server serves any).
+REGION = "us-east-1"
+# moto accepts any credentials; these are not secrets.
+EMULATOR_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"}
+
 _PROTECTION = re.compile(r"^/(?P<worker>[\w-]+)/task-protection/v1/state$")
 _INVOKE = re.compile(r"^/2015-03-31/functions/(?P<name>[^/]+)/invocations$")
 

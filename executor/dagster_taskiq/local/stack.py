@@ -30,10 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from dagster_taskiq.local.component_logs import component_logs, log_dead_letter, log_evaluation
-from dagster_taskiq.local.endpoints import LambdaEndpoint, TaskProtectionAgent
-from dagster_taskiq.queue import create_queue_with_dlq, sqs_client
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.settings import (
     DEFAULT_MAX_RECEIVE_COUNT,
     DEFAULT_MESSAGE_RETENTION,
     ENV_ALERT_TOPIC_ARN,
@@ -49,15 +46,20 @@ from dagster_taskiq.settings import (
     dagster_storage_url,
     ledger_url,
 )
+from dagster_taskiq.core.sqs import create_queue_with_dlq, sqs_client
+from dagster_taskiq.local.autoscale import LOCAL_SCALER_FUNCTION, LocalAutoscaler
+from dagster_taskiq.local.component_logs import component_logs, log_dead_letter, log_evaluation
+from dagster_taskiq.local.dlq_processor import LocalDeadLetters
+from dagster_taskiq.local.endpoints import (
+    EMULATOR_CREDENTIALS,
+    REGION,
+    LambdaEndpoint,
+    TaskProtectionAgent,
+)
 
 if TYPE_CHECKING:
-    from dagster_taskiq.local.autoscale import LocalAutoscaler
-    from dagster_taskiq.local.dead_letters import LocalDeadLetters
-    from dagster_taskiq.scaling import ScalingConfig
+    from dagster_taskiq.scaling.policy import ScalingConfig
 
-REGION = "us-east-1"
-# moto accepts any credentials; these are not secrets.
-EMULATOR_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"}
 DATABASE_NAME = "dagster_taskiq"
 # Under the stack's root, for the operations commands in other processes: the stack's
 # environment, and one state file per worker pool.
@@ -272,8 +274,6 @@ class LocalStack:
 
     def autoscale(self, pool: WorkerPool, config: ScalingConfig, **kwargs: Any) -> LocalAutoscaler:
         """Size ``pool`` with the scaling policy; the executor's trigger reaches it too."""
-        from dagster_taskiq.local.autoscale import LOCAL_SCALER_FUNCTION, LocalAutoscaler
-
         caller_callback = kwargs.pop("on_evaluation", None)
 
         def on_evaluation(evaluation: Any, cause: str) -> None:
@@ -292,8 +292,6 @@ class LocalStack:
 
     def process_dead_letters(self, **kwargs: Any) -> LocalDeadLetters:
         """Run the DLQ processor on this stack's dead-letter queue."""
-        from dagster_taskiq.local.dead_letters import LocalDeadLetters
-
         caller_callback = kwargs.pop("on_result", None)
 
         def on_result(result: Any) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.settings import (
     ENV_DATABASE_URL,
     ENV_DLQ_URL,
     ENV_ECS_CLUSTER,
@@ -27,7 +27,7 @@ from dagster_taskiq.settings import (
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
-    from dagster_taskiq.ledger import Ledger
+    from dagster_taskiq.core.ledger import Ledger
     from dagster_taskiq.operations.target import Target
 
 WHERE = (
@@ -49,9 +49,9 @@ def _console() -> Console:
 
 @contextmanager
 def _deployment(*, need_queues: bool = True) -> Iterator[tuple[Target, Ledger | None]]:
-    from dagster_taskiq.ledger import Ledger
+    from dagster_taskiq.core.errors import ConfigurationError
+    from dagster_taskiq.core.ledger import Ledger
     from dagster_taskiq.operations.target import resolve_target
-    from dagster_taskiq.settings import ConfigurationError
 
     try:
         target = resolve_target(need_queues=need_queues)
@@ -370,6 +370,7 @@ def logs(  # noqa: PLR0917 (click passes every option as a parameter)
 
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from dagster_taskiq.core.errors import ConfigurationError
     from dagster_taskiq.operations.logs import (
         LogEvent,
         LogQuery,
@@ -377,7 +378,6 @@ def logs(  # noqa: PLR0917 (click passes every option as a parameter)
         parse_since,
         read_logs,
     )
-    from dagster_taskiq.settings import ConfigurationError
 
     try:
         start = parse_since(since)

@@ -23,20 +23,20 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from dagster_taskiq.ledger import (
+from dagster_taskiq.core.errors import ConfigurationError, MessageRejected, QueueUnavailable
+from dagster_taskiq.core.ledger import (
     Ledger,
     StepRecord,
     rejected_messages,
     steps,
 )
-from dagster_taskiq.ledger import (
+from dagster_taskiq.core.ledger import (
     Status as StepStatus,
 )
-from dagster_taskiq.messages import MessageRejected, decode, peek_key
+from dagster_taskiq.core.messages import decode, peek_key
+from dagster_taskiq.core.sqs import ReceivedMessage, SqsQueue
 from dagster_taskiq.operations.ledger_reads import Rejection, interval, rejections_for
 from dagster_taskiq.operations.target import Target
-from dagster_taskiq.queue import QueueUnavailable, ReceivedMessage, SqsQueue
-from dagster_taskiq.settings import ConfigurationError
 
 DEFAULT_HOLD_SECONDS = 30
 PURGE_HOLD_SECONDS = 300

@@ -14,8 +14,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 
-from dagster_taskiq.ledger import NON_TERMINAL, Ledger, Status, rejected_messages, steps
-from dagster_taskiq.scaler import scaling_history
+from dagster_taskiq.core.ledger import NON_TERMINAL, Ledger, Status, rejected_messages, steps
+from dagster_taskiq.scaling.scaler import scaling_history
 
 _LIVE_LEASE = sa.and_(
     steps.c.status.in_([Status.RUNNING, Status.CANCEL_REQUESTED]),

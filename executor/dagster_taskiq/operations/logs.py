@@ -19,13 +19,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from dagster_taskiq.operations.target import LOGS_DIR, Target
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.errors import ConfigurationError
+from dagster_taskiq.core.settings import (
     ENV_DLQ_PROCESSOR_LOG_GROUP,
     ENV_SCALER_LOG_GROUP,
     ENV_WORKER_LOG_GROUP,
-    ConfigurationError,
 )
+from dagster_taskiq.operations.target import LOGS_DIR, Target
 
 COMPONENTS = ("worker", "scaler", "dlq-processor")
 LOCAL_FILES = {"scaler": "scaler.log", "dlq-processor": "dlq-processor.log"}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from dagster_taskiq.ledger import Ledger, StepRecord
+from dagster_taskiq.core.ledger import Ledger, StepRecord
 from dagster_taskiq.operations.ledger_reads import Rejection, rejections_for
 
 # The Dagster events that tell a step attempt's story, by the name shown for them.

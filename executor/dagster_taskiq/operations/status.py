@@ -13,7 +13,9 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy.exc import SQLAlchemyError
 
-from dagster_taskiq.ledger import Ledger, LedgerUnavailable, Status
+from dagster_taskiq.core.errors import LedgerUnavailable, QueueUnavailable
+from dagster_taskiq.core.ledger import Ledger, Status
+from dagster_taskiq.core.sqs import SqsQueue
 from dagster_taskiq.operations.ledger_reads import (
     QueueLedgerRow,
     RejectionCount,
@@ -26,7 +28,6 @@ from dagster_taskiq.operations.ledger_reads import (
     runs_in_flight,
 )
 from dagster_taskiq.operations.target import LocalPoolState, PoolTarget, Target
-from dagster_taskiq.queue import QueueUnavailable, SqsQueue
 
 # SQS publishes ApproximateAgeOfOldestMessage to CloudWatch once a minute, for active queues.
 OLDEST_AGE_METRIC = "ApproximateAgeOfOldestMessage"

@@ -22,8 +22,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from dagster_taskiq.local.stack import POOLS_DIR, STACK_ENV_FILE
-from dagster_taskiq.settings import (
+from dagster_taskiq.core.errors import ConfigurationError
+from dagster_taskiq.core.settings import (
     DEFAULT_REGION,
     ENV_DATABASE_URL,
     ENV_DLQ_PROCESSOR_LOG_GROUP,
@@ -40,10 +40,10 @@ from dagster_taskiq.settings import (
     ENV_SIGNING_KEY_SECRET_ARN,
     ENV_STACK_OUTPUTS,
     ENV_WORKER_LOG_GROUP,
-    ConfigurationError,
     database_url,
     signing_key,
 )
+from dagster_taskiq.local.stack import POOLS_DIR, STACK_ENV_FILE
 
 if TYPE_CHECKING:
     from mypy_boto3_ecs.client import ECSClient

@@ -7,9 +7,9 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
-from dagster_taskiq.messages import DEFAULT_MAX_STEP_ARGS_BYTES
-from dagster_taskiq.routing import DEFAULT_PRIORITY_RATIO
-from dagster_taskiq.settings import DEFAULT_MAX_MESSAGE_BYTES
+from dagster_taskiq.core.messages import DEFAULT_MAX_STEP_ARGS_BYTES
+from dagster_taskiq.core.routing import DEFAULT_PRIORITY_RATIO
+from dagster_taskiq.core.settings import DEFAULT_MAX_MESSAGE_BYTES
 
 # How step processes start: forked from a preloaded fork server, or spawned (each imports
 # Dagster and the code locations itself; see worker/fork_server.py).

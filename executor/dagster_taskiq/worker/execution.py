@@ -44,16 +44,12 @@ from dagster._serdes import deserialize_value
 from dagster._utils.error import serializable_error_info_from_exc_info
 from dagster_shared.record import copy
 
-from dagster_taskiq.attempts import AttemptOutcome, attempt_outcome
+from dagster_taskiq.executor.attempt_outcomes import AttemptOutcome, attempt_outcome
+from dagster_taskiq.patches import reuse_resolved_run_config
 from dagster_taskiq.worker.attempt_context import StepAttempt, set_current_attempt
 from dagster_taskiq.worker.config import CodeLocation
 from dagster_taskiq.worker.origins import origin_allowed, quoted
-from dagster_taskiq.worker.plans import (
-    OriginRefused,
-    PlanCache,
-    RunPlan,
-    reuse_resolved_run_config,
-)
+from dagster_taskiq.worker.plans import OriginRefused, PlanCache, RunPlan
 from dagster_taskiq.worker.tasks import Outcome, StepResult, StepTask, VetRequest, Vetting
 
 __all__ = [

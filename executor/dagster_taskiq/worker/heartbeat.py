@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 
 from aws_lambda_powertools import Logger
 
-from dagster_taskiq.ledger import Ledger, LedgerUnavailable, Status
-from dagster_taskiq.observability import emit_metric
-from dagster_taskiq.queue import QueueUnavailable, SqsQueue
+from dagster_taskiq.core.errors import LedgerUnavailable, QueueUnavailable
+from dagster_taskiq.core.ledger import Ledger, Status
+from dagster_taskiq.core.observability import emit_metric
+from dagster_taskiq.core.sqs import SqsQueue
 from dagster_taskiq.worker.protection import TaskProtection
 
 # A message stays hidden at least this much longer than the ledger lease that holds it.

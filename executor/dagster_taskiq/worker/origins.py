@@ -18,7 +18,7 @@ from dagster._core.code_pointer import (
 )
 from dagster._core.origin import JobPythonOrigin
 
-from dagster_taskiq.messages import safe_text
+from dagster_taskiq.core.messages import safe_text
 from dagster_taskiq.worker.config import CodeLocation
 
 # What a refusal quotes of a name from a message: it is stored and shown to users.
@@ -26,7 +26,7 @@ QUOTED_CHARS = 300
 # The canary job of `dagster-taskiq doctor`, accepted whatever the code locations: it is
 # a module of this package, code every worker has and runs already (its op does nothing),
 # so accepting it loads nothing new, and the doctor can send a step through any worker.
-CANARY_MODULE = "dagster_taskiq.canary"
+CANARY_MODULE = "dagster_taskiq.operations.doctor.canary_job"
 
 
 def quoted(value: object) -> str:

@@ -26,29 +26,25 @@ anything is imported.
 
 Dagster's step context creation resolves the run config once more
 (``create_context_creation_data``), again for every op of the job. While a step runs,
-``reuse_resolved_run_config`` makes that call take the run's resolved config from here
-when it is for the same job definition and run config (an immutable value, which
-Dagster's in-process executor shares between all the steps of a run, too); any other
+``patches.reuse_resolved_run_config`` makes that call take the run's resolved config from
+its ``RunPlan`` when it is for the same job definition and run config (an immutable value,
+which Dagster's in-process executor shares between all the steps of a run, too); any other
 call goes to Dagster's function unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from dagster import DagsterInstance
 from dagster._core.definitions.job_definition import JobDefinition
 from dagster._core.definitions.reconstruct import ReconstructableJob
-from dagster._core.execution import context_creation_job
-from dagster._core.execution.context_creation_job import ContextCreationData
 from dagster._core.execution.plan.plan import ExecutionPlan
 from dagster._core.execution.plan.state import KnownExecutionState
-from dagster._core.execution.resources_init import get_required_resource_keys_to_init
 from dagster._core.origin import JobPythonOrigin
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.system_config.objects import ResolvedRunConfig
@@ -83,48 +79,6 @@ class RunPlan:
         if step_keys != whole.step_keys_to_execute:
             whole = whole.build_subset_plan(step_keys, self.job_def, self.resolved_run_config)
         return whole._replace(known_state=known_state)
-
-
-_dagster_create_context_creation_data = context_creation_job.create_context_creation_data
-_current: RunPlan | None = None
-
-
-def _create_context_creation_data(
-    job: Any,
-    execution_plan: ExecutionPlan,
-    run_config: Mapping[str, object],
-    dagster_run: DagsterRun,
-    instance: DagsterInstance,
-) -> ContextCreationData:
-    current = _current
-    job_def = job.get_definition()
-    if current is None or job_def is not current.job_def or run_config != current.run_config:
-        return _dagster_create_context_creation_data(
-            job, execution_plan, run_config, dagster_run, instance
-        )
-    # What Dagster's function returns, with the run config resolved once per run.
-    return ContextCreationData(
-        job=job,
-        resolved_run_config=current.resolved_run_config,
-        dagster_run=dagster_run,
-        executor_def=job_def.executor_def,
-        instance=instance,
-        resource_keys_to_init=get_required_resource_keys_to_init(execution_plan, job_def),
-        execution_plan=execution_plan,
-    )
-
-
-@contextlib.contextmanager
-def reuse_resolved_run_config(run_plan: RunPlan) -> Iterator[None]:
-    """While a step of ``run_plan``'s run executes, its context creation takes the run's
-    resolved run config instead of resolving it again."""
-    global _current  # noqa: PLW0603 - one step at a time per process, by design
-    context_creation_job.create_context_creation_data = _create_context_creation_data
-    _current = run_plan
-    try:
-        yield
-    finally:
-        _current = None
 
 
 class PlanCache:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from dagster_taskiq.ledger import Ledger
-from dagster_taskiq.queue import sqs_queues
-from dagster_taskiq.settings import ENV_DATABASE_URL, ConfigurationError, signing_key
-from dagster_taskiq.settings import database_url as resolve_database_url
+from dagster_taskiq.core.errors import ConfigurationError
+from dagster_taskiq.core.ledger import Ledger
+from dagster_taskiq.core.settings import ENV_DATABASE_URL, signing_key
+from dagster_taskiq.core.settings import database_url as resolve_database_url
+from dagster_taskiq.core.sqs import sqs_queues
 from dagster_taskiq.worker.config import WorkerSettings
 from dagster_taskiq.worker.supervisor import Worker
 
@@ -16,11 +17,11 @@ from dagster_taskiq.worker.supervisor import Worker
 def _instance_database_url() -> str | None:
     from dagster import DagsterInstance
 
-    from dagster_taskiq.executor import _instance_postgres_url
+    from dagster_taskiq.executor.instance_storage import instance_postgres_url
 
     instance = DagsterInstance.get()
     try:
-        return _instance_postgres_url(instance)
+        return instance_postgres_url(instance)
     finally:
         instance.dispose()
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from dagster_taskiq.messages import StepMessage
+from dagster_taskiq.core.messages import StepMessage
 from dagster_taskiq.worker.config import CodeLocation
 from dagster_taskiq.worker.fork_server import (
     STEP_PROCESS_NAME,
@@ -97,7 +97,7 @@ def preload() -> Any:
     import dagster  # noqa: F401
     from dagster._utils import interrupts  # noqa: F401
 
-    from dagster_taskiq.worker import compute_logs, execution, plans, storage  # noqa: F401
+    from dagster_taskiq.worker import compute_logs, execution, plans, step_storage  # noqa: F401
 
     for name in LAZY_IMPORTS:
         with contextlib.suppress(ImportError):
@@ -185,7 +185,7 @@ def run_step_process(
     from dagster_taskiq.worker.compute_logs import mirror_with_threads
     from dagster_taskiq.worker.execution import ReadAhead, execute, read_ahead
     from dagster_taskiq.worker.plans import PlanCache
-    from dagster_taskiq.worker.storage import (
+    from dagster_taskiq.worker.step_storage import (
         keep_connections,
         rewrite_cut_events,
         ride_out_database_outages,

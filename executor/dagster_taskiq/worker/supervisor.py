@@ -12,12 +12,14 @@ A message is deleted only after its completion was recorded under this worker's 
 token, or when the ledger says it must never run (already terminal, cancelled). Nothing
 else deletes: every other path leaves the message to SQS, to be delivered again or to
 reach the dead-letter queue.
+
+What to do at each branch of the protocol is ``decisions``' answer (pure functions, tested
+over all their inputs); this module finds the inputs and carries the actions out.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import queue as stdlib_queue
 import signal
@@ -30,53 +32,48 @@ from types import FrameType
 
 from aws_lambda_powertools import Logger
 
-from dagster_taskiq.ledger import Claim, ClaimOutcome, Ledger, LedgerUnavailable
-from dagster_taskiq.messages import MessageRejected, StepMessage, decode, peek_key, safe_text
-from dagster_taskiq.observability import MetricUnit, emit_metric
-from dagster_taskiq.queue import QueueUnavailable, ReceivedMessage, SqsQueue
-from dagster_taskiq.routing import poll_order
+from dagster_taskiq.core.errors import LedgerUnavailable, MessageRejected, QueueUnavailable
+from dagster_taskiq.core.ledger import Claim, Ledger
+from dagster_taskiq.core.messages import StepMessage, decode, peek_key, safe_text
+from dagster_taskiq.core.observability import MetricUnit, emit_metric, get_logger
+from dagster_taskiq.core.retry import Backoff
+from dagster_taskiq.core.routing import poll_order
+from dagster_taskiq.core.sqs import ReceivedMessage, SqsQueue
 from dagster_taskiq.worker.config import STEP_PROCESS_FORK_SERVER, WorkerSettings
-from dagster_taskiq.worker.fork_server import ForkServer
-from dagster_taskiq.worker.heartbeat import (
-    VISIBILITY_MARGIN,
-    Heartbeat,
-    Lease,
-    LeaseState,
-    lease_within,
+from dagster_taskiq.worker.decisions import (
+    LEDGER_UNREACHABLE,
+    ClaimUnder,
+    Complete,
+    Delete,
+    DeleteReason,
+    FinishCancel,
+    HandOver,
+    Hide,
+    HideForClaim,
+    Leave,
+    MessageCheck,
+    Reject,
+    Release,
+    Run,
+    after_check,
+    after_claim,
+    after_fenced_write,
+    after_step,
+    claim_visibility,
+    on_receipt,
 )
+from dagster_taskiq.worker.fork_server import ForkServer
+from dagster_taskiq.worker.heartbeat import Heartbeat, Lease, LeaseState, lease_within
 from dagster_taskiq.worker.protection import ENV_AGENT_URI, TaskProtection
 from dagster_taskiq.worker.step_process import StepProcess, StepProcessDied
-from dagster_taskiq.worker.tasks import Outcome, StepResult, StepTask, Vetting
+from dagster_taskiq.worker.tasks import StepResult, StepTask
 
-GIVE_BACK_DELAY = 5  # seconds a step given back after a fault stays hidden
 # The longest a step's ending waits for its slot to hand over the next step. Recording
 # it (a ledger write and an SQS delete) competes with the hand-over's receive and claim,
 # which the next step waits for; the ending waits for nothing but its lease.
 HAND_OVER_FIRST_SECONDS = 0.05
-# A claim's lease is capped by the receive's visibility (see ``heartbeat``). A message
-# left with less than this before it may be seen again is hidden for its lease first.
-MIN_CLAIM_LEASE_SECONDS = 3.0
 # What a log line keeps of a value taken from a message (or an error quoting one).
 LOG_TEXT_CHARS = 1000
-
-
-class Backoff:
-    """Exponential back-off with a cap, reset on success."""
-
-    def __init__(self, first: float = 1.0, cap: float = 30.0) -> None:
-        self.first, self.cap, self.next = first, cap, first
-
-    def wait(self, stop: threading.Event | None = None) -> float:
-        """Sleep the next delay; a set ``stop`` ends the sleep early."""
-        delay, self.next = self.next, min(self.cap, self.next * 2)
-        if stop is None:
-            time.sleep(delay)
-        else:
-            stop.wait(delay)
-        return delay
-
-    def reset(self) -> None:
-        self.next = self.first
 
 
 class Slot:
@@ -163,25 +160,40 @@ class Slot:
 
 class Worker:
     def __init__(
-        self, settings: WorkerSettings, *, queues: Mapping[str, SqsQueue], ledger: Ledger
+        self,
+        settings: WorkerSettings,
+        *,
+        queues: Mapping[str, SqsQueue],
+        ledger: Ledger,
+        log: Logger | None = None,
+        protection: TaskProtection | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
+        """``queues`` (by URL) and ``ledger`` are what the worker talks to. The log, ECS
+        task protection and the heartbeat are made from the settings unless given."""
         self.settings = settings
         missing = set(settings.all_queue_urls) - set(queues)
         if missing:
             raise ValueError(f"no SqsQueue for {sorted(missing)}")
         self.queues = dict(queues)  # by URL
         self.ledger = ledger
-        self.log = Logger(service="dagster-taskiq-worker")
-        self.log.append_keys(worker_id=settings.worker_id)
+        if log is None:
+            log = get_logger("dagster-taskiq-worker")
+            log.append_keys(worker_id=settings.worker_id)
+        self.log = log
         self.stopping = threading.Event()  # no new messages
-        self.protection = TaskProtection(os.environ.get(ENV_AGENT_URI) or None, self.log)
-        self.heartbeat = Heartbeat(
-            ledger=ledger,
-            protection=self.protection,
-            log=self.log,
-            max_interval=settings.max_heartbeat_interval,
-            first_renewal_after=settings.receive_visibility_seconds / 3,
-        )
+        if protection is None:
+            protection = TaskProtection(os.environ.get(ENV_AGENT_URI) or None, self.log)
+        self.protection = protection
+        if heartbeat is None:
+            heartbeat = Heartbeat(
+                ledger=ledger,
+                protection=protection,
+                log=self.log,
+                max_interval=settings.max_heartbeat_interval,
+                first_renewal_after=settings.receive_visibility_seconds / 3,
+            )
+        self.heartbeat = heartbeat
         self.slots = [Slot(i, self) for i in range(settings.concurrency)]
         self._idle: stdlib_queue.Queue[Slot] = stdlib_queue.Queue()
         self._recorder = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="recorder")
@@ -242,7 +254,7 @@ class Worker:
         """Refuse a newer ledger schema; bring an older one up. Alembic (11 MB) is imported
         only to upgrade, which a worker of a new release does once, not for every check."""
         if self.ledger.schema_state().needs_upgrade:
-            from dagster_taskiq.migrations import ensure_schema
+            from dagster_taskiq.core.migrations import ensure_schema
 
             ensure_schema(self.ledger, component="worker")
         else:
@@ -331,10 +343,11 @@ class Worker:
                 messages = []
                 backoff.wait(self.stopping)
             for received in messages:
-                if self.stopping.is_set():
-                    self._give_back(received)
-                else:
-                    idle.pop().inbox.put(received)
+                match on_receipt(stopping=self.stopping.is_set()):
+                    case HandOver():
+                        idle.pop().inbox.put(received)
+                    case Hide(seconds=seconds):
+                        self._give_back(received, seconds)
             for slot in idle:
                 self._idle.put(slot)
 
@@ -375,39 +388,46 @@ class Worker:
     def _queue_of(self, received: ReceivedMessage) -> SqsQueue:
         return self.queues[received.queue_url]
 
-    def _give_back(self, received: ReceivedMessage) -> None:
+    def _give_back(self, received: ReceivedMessage, seconds: int) -> None:
         try:
-            self._queue_of(received).change_visibility(received.receipt_handle, 0)
+            self._queue_of(received).change_visibility(received.receipt_handle, seconds)
         except QueueUnavailable as e:
             self.log.warning("Could not give a message back", extra={"error": str(e)})
 
     # -- the protocol, on a slot's thread ------------------------------------------------
 
     def handle(self, slot: Slot, received: ReceivedMessage) -> None:
-        settings = self.settings
+        message: StepMessage | None = None
         try:
             message = decode(
                 received.body,
-                signing_key=settings.signing_key,
-                max_bytes=settings.max_message_bytes,
-                max_step_args_bytes=settings.max_step_args_bytes,
+                signing_key=self.settings.signing_key,
+                max_bytes=self.settings.max_message_bytes,
+                max_step_args_bytes=self.settings.max_step_args_bytes,
             )
         except MessageRejected as e:
-            self._reject(received, e.reason, e.detail)
-            return
+            check = MessageCheck.undecodable(e.reason, e.detail)
+        else:
+            check = self._vet(slot, message)
+        action = after_check(check)
+        if isinstance(action, Hide | Reject):
+            self._hide_or_reject(received, action)
+        elif message is not None:  # decoded and vetted: claimed
+            self._claim(slot, received, message, check)
+
+    def _vet(self, slot: Slot, message: StepMessage) -> MessageCheck:
         # The step process reads the step arguments: this process does not import Dagster.
         try:
             if slot.process is None:
                 raise StepProcessDied(None)
-            vetting: Vetting = slot.process.vet(message)
+            return MessageCheck.vetted(slot.process.vet(message))
         except StepProcessDied as e:
             self.log.error("Could not read the step arguments", extra={"error": str(e)})
-            self._hide(received, GIVE_BACK_DELAY)
-            return
-        if vetting.malformed is not None:
-            self._reject(received, "malformed", vetting.malformed)
-            return
+            return MessageCheck.unread(str(e))
 
+    def _claim(
+        self, slot: Slot, received: ReceivedMessage, message: StepMessage, check: MessageCheck
+    ) -> None:
         hidden_until = self._hidden_for_claim(received, message)
         if hidden_until is None:
             return
@@ -415,67 +435,66 @@ class Worker:
         try:
             claim = self.ledger.claim(
                 message.idempotency_key,
-                worker_id=settings.worker_id,
+                worker_id=self.settings.worker_id,
                 lease_seconds=lease_seconds,
                 payload_hash=message.payload_hash,
                 deliveries=received.receive_count,
             )
         except LedgerUnavailable as e:
             self.log.error("Ledger unreachable; the message stays queued", extra={"error": str(e)})
-            self._hide(received, 10)
-            self.stopping.wait(5)
+            self._hide_or_reject(received, after_claim(LEDGER_UNREACHABLE, refusal=check.refusal))
             return
 
-        outcome = claim.outcome
-        if outcome is ClaimOutcome.CLAIMED:
-            if vetting.refusal is not None:
-                self._complete(
-                    message, claim.fencing_token, received, succeeded=False, error=vetting.refusal
+        action = after_claim(claim, refusal=check.refusal)
+        match action:
+            case Run():
+                self._run(
+                    slot,
+                    message,
+                    claim,
+                    received,
+                    hidden_until=hidden_until,
+                    lease_seconds=lease_seconds,
                 )
-                return
-            self._run(
-                slot,
-                message,
-                claim,
-                received,
-                hidden_until=hidden_until,
-                lease_seconds=lease_seconds,
-            )
-        elif outcome is ClaimOutcome.DUPLICATE:
-            emit_metric("DuplicatesSuppressed", 1)
-            self.log.info("Duplicate delivery suppressed", extra=self._keys(message, claim))
-            self._delete(received)
-        elif outcome is ClaimOutcome.CANCELLED:
-            self.log.info("Cancelled before it started", extra=self._keys(message, claim))
-            self._delete(received)
-        elif outcome is ClaimOutcome.BUSY:
-            # Held by a live lease elsewhere: look again when that lease would run out.
-            self._hide(received, int(claim.lease_remaining_seconds) + 1)
-        elif outcome is ClaimOutcome.UNKNOWN:
-            self._reject(received, "unknown_key", "no ledger record for this idempotency key")
-        else:
-            self._reject(received, "mismatch", "the payload differs from the one launched")
+            case Complete() as completion:  # refused: recorded as the step's failure
+                self._complete(message.idempotency_key, claim.fencing_token, received, completion)
+            case Delete(reason=reason):
+                keys = self._keys(message, claim)
+                if reason is DeleteReason.DUPLICATE:
+                    emit_metric("DuplicatesSuppressed", 1)
+                    self.log.info("Duplicate delivery suppressed", extra=keys)
+                else:
+                    self.log.info("Cancelled before it started", extra=keys)
+                self._delete(received)
+            case Hide() | Reject():
+                self._hide_or_reject(received, action)
 
     def _hidden_for_claim(self, received: ReceivedMessage, message: StepMessage) -> float | None:
         """Until when the message is surely hidden, for a claim's lease to end before it
-        (see ``heartbeat``): the receive's visibility, or, for a message that waited too
-        long to leave a useful lease (or of unknown visibility), a new one as long as the
-        lease. None: it could not be hidden, and is left to SQS unclaimed."""
-        now = time.monotonic()
-        if lease_within(received.hidden_until, message.lease_seconds, now) >= min(
-            MIN_CLAIM_LEASE_SECONDS, message.lease_seconds
-        ):
-            return received.hidden_until
-        seconds = math.ceil(message.lease_seconds + VISIBILITY_MARGIN)
-        try:
-            self._queue_of(received).change_visibility(received.receipt_handle, seconds)
-        except QueueUnavailable as e:
-            self.log.warning(
-                "Could not hide a message for its claim; it stays queued",
-                extra={"error": str(e), "message_id": received.message_id},
-            )
-            return None
-        return now + seconds
+        (``decisions.claim_visibility``). None: it could not be hidden, and is left to SQS
+        unclaimed."""
+        match claim_visibility(received.hidden_until, message.lease_seconds, time.monotonic()):
+            case ClaimUnder(hidden_until=hidden_until):
+                return hidden_until
+            case HideForClaim(seconds=seconds, hidden_until=hidden_until):
+                try:
+                    self._queue_of(received).change_visibility(received.receipt_handle, seconds)
+                except QueueUnavailable as e:
+                    self.log.warning(
+                        "Could not hide a message for its claim; it stays queued",
+                        extra={"error": str(e), "message_id": received.message_id},
+                    )
+                    return None
+                return hidden_until
+
+    def _hide_or_reject(self, received: ReceivedMessage, action: Hide | Reject) -> None:
+        match action:
+            case Reject(reason=reason, detail=detail):
+                self._reject(received, reason, detail)
+            case Hide(seconds=seconds, pause_seconds=pause_seconds):
+                self._hide(received, seconds)
+                if pause_seconds:
+                    self.stopping.wait(pause_seconds)
 
     def _run(
         self,
@@ -580,45 +599,30 @@ class Worker:
         failure: str | None,
     ) -> None:
         key = message.idempotency_key
-        if lease.state is LeaseState.LOST:
-            # Someone else may hold the step now; record nothing, delete nothing.
-            self.log.warning("Step stopped: lease lost", extra={"idempotency_key": key})
-            return
-        if (
-            lease.state is LeaseState.RELEASING
-            or result is None
-            or result.outcome is Outcome.NO_ENDING
-        ):
-            if lease.state is LeaseState.RELEASING:
-                reason = "released: worker shutting down"
-            elif result is not None:
-                reason = f"given back: the step could not record its ending: {result.detail}"
-            else:
-                reason = failure or "no result from the step process"
-            self.log.warning(
-                "Step given back to the queue", extra={"idempotency_key": key, "reason": reason}
-            )
-            self._retrying(lambda: self.ledger.release(key, token, reason), lease)
-            # At once to another worker on shutdown; after a breath when the database or
-            # the network failed, so that a short outage does not use up the deliveries.
-            self._hide(received, 0 if lease.state is LeaseState.RELEASING else GIVE_BACK_DELAY)
-            return
-        if result.outcome in (Outcome.INTERRUPTED, Outcome.NOT_STARTED):
-            if self._retrying(lambda: self.ledger.finish_cancel(key, token), lease):
-                self._delete(received)
-            self.log.info("Step cancelled", extra={"idempotency_key": key, "detail": result.detail})
-            return
-        if result.outcome is Outcome.ALREADY_ENDED:
-            emit_metric("DuplicatesSuppressed", 1)
-        self._complete(
-            message,
-            token,
-            received,
-            succeeded=result.succeeded,
-            error=None if result.succeeded else result.detail,
-            lease=lease,
-            duplicate=result.outcome is Outcome.ALREADY_ENDED,
-        )
+        # The lease's state is read once: the heartbeat may change it meanwhile.
+        match after_step(lease.state, result, failure):
+            case Leave():
+                # Someone else may hold the step now; record nothing, delete nothing.
+                self.log.warning("Step stopped: lease lost", extra={"idempotency_key": key})
+            case Release(reason=reason, hide_seconds=hide_seconds):
+                self.log.warning(
+                    "Step given back to the queue", extra={"idempotency_key": key, "reason": reason}
+                )
+                self._retrying(lambda: self.ledger.release(key, token, reason), lease)
+                self._hide(received, hide_seconds)
+            case FinishCancel(detail=detail):
+                cancelled = self._retrying(lambda: self.ledger.finish_cancel(key, token), lease)
+                if isinstance(after_fenced_write(updated=cancelled), Delete):
+                    self._delete(received)
+                self.log.info("Step cancelled", extra={"idempotency_key": key, "detail": detail})
+            case Complete() as completion:
+                if completion.duplicate:
+                    emit_metric("DuplicatesSuppressed", 1)
+                self._complete(key, token, received, completion, lease=lease)
+                if result is not None:  # always: only a step's own result completes it
+                    self._step_finished(key, result)
+
+    def _step_finished(self, key: str, result: StepResult) -> None:
         emit_metric("StepsSucceeded" if result.succeeded else "StepsFailed", 1)
         emit_metric("StepDuration", result.seconds, MetricUnit.Seconds)
         self.log.info(
@@ -633,29 +637,31 @@ class Worker:
 
     def _complete(
         self,
-        message: StepMessage,
+        key: str,
         token: int,
         received: ReceivedMessage,
+        completion: Complete,
         *,
-        succeeded: bool,
-        error: str | None,
         lease: Lease | None = None,
-        duplicate: bool = False,
     ) -> None:
-        key = message.idempotency_key
         recorded = self._retrying(
             lambda: self.ledger.complete(
-                key, token, succeeded=succeeded, error=error, duplicate=duplicate
+                key,
+                token,
+                succeeded=completion.succeeded,
+                error=completion.error,
+                duplicate=completion.duplicate,
             ),
             lease,
         )
-        if recorded:
-            self._delete(received)
-        else:
-            self.log.warning(
-                "Completion not recorded: this worker no longer holds the step",
-                extra={"idempotency_key": key, "token": token},
-            )
+        match after_fenced_write(updated=recorded):
+            case Delete():
+                self._delete(received)
+            case Leave():
+                self.log.warning(
+                    "Completion not recorded: this worker no longer holds the step",
+                    extra={"idempotency_key": key, "token": token},
+                )
 
     def _retrying(self, action: Callable[[], bool], lease: Lease | None) -> bool:
         """Run a ledger write, retrying through an outage while the lease can still hold."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from dagster_taskiq.messages import StepMessage
+from dagster_taskiq.core.messages import StepMessage
 
 
 class Outcome(Enum):

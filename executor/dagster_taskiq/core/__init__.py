@@ -1,0 +1,1 @@
+"""The dagster-free core: what the Lambdas import (settings, message, ledger, SQS)."""

@@ -1,0 +1,1 @@
+"""The Dagster side: the executor, its step handler and how it waits."""

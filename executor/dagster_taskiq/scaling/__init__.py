@@ -1,0 +1,1 @@
+"""Scaling: the policy, the scaler the Lambda runs, its trigger and the simulator."""
