@@ -524,6 +524,33 @@ def reuse_resolved_run_config(run: ResolvedRun) -> Iterator[None]:
         _current_run = None
 
 
+# -- Dagster's ``execute_step``: what a step process does as it would ---------------------
+
+
+def _execute_step_setup_shape() -> list[str]:
+    from dagster._cli import api
+
+    if "set_snowflake_partner_env_var" not in inspect.getsource(api):
+        return []  # a release before it (1.13.0 has none): nothing to do as it does
+    try:
+        from dagster._core.snowflake_partner import set_snowflake_partner_env_var
+    except ImportError as e:
+        return [f"dagster api execute_step calls set_snowflake_partner_env_var, not found: {e}"]
+    return _parameters(set_snowflake_partner_env_var, [], "set_snowflake_partner_env_var")
+
+
+def set_up_as_execute_step() -> None:
+    """What the installed Dagster's ``dagster api execute_step`` does before it loads the
+    job, beyond the instance's environment variables: since a 1.13 release, the Snowflake
+    partner variable. A warm step process does not run that command, so it does this."""
+    require("execute_step_setup")
+    try:
+        from dagster._core.snowflake_partner import set_snowflake_partner_env_var
+    except ImportError:
+        return  # the installed Dagster does not do it either
+    set_snowflake_partner_env_var()
+
+
 # -- Dagster's step-delegating loop and active execution: what the executor reads -------
 
 
@@ -629,6 +656,12 @@ PATCHES: dict[str, Patch] = {
             "dagster",
             "a warm step process resolves a run's config once",
             _context_creation_shape,
+        ),
+        Patch(
+            "execute_step_setup",
+            "dagster",
+            "a warm step process sets up a step as `dagster api execute_step` does",
+            _execute_step_setup_shape,
         ),
         Patch(
             "step_delegating_loop",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from dagster import DagsterEventType, DagsterInstance, execute_job, reconstructable
 
 from dagster_taskiq.core.ledger import Ledger, Status
@@ -21,6 +22,7 @@ def alerts(stack: LocalStack) -> list[str]:
     return [m.body for m in inbox.receive(max_messages=10, wait_seconds=1, visibility_timeout=60)]
 
 
+@pytest.mark.slow  # a long fault run: `make test-slow`
 def test_a_step_that_kills_its_worker_every_time_is_dead_lettered(
     make_stack: StackFactory, ledger: Ledger
 ) -> None:

@@ -97,6 +97,7 @@ def forge_a_second_execution(database_url: str, load_id: str) -> None:
     engine.dispose()
 
 
+@pytest.mark.slow  # a long fault run: `make test-slow`
 @pytest.mark.timeout(600)
 def test_nothing_is_lost_or_completed_twice_under_every_fault(
     tmp_path: Path, restored_environ: None

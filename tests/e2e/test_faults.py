@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from dagster import (
     DagsterInstance,
     DagsterRunStatus,
@@ -96,6 +97,7 @@ def test_duplicate_delivery_runs_the_op_body_once(
     assert [r["phase"] for r in rows] == ["start", "end"], "the op body ran more than once"
 
 
+@pytest.mark.slow  # a long fault run: `make test-slow`
 def test_worker_killed_mid_step_is_taken_over_and_the_run_succeeds(
     stack: LocalStack, instance: DagsterInstance, ledger: Ledger
 ) -> None:

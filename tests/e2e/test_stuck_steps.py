@@ -7,6 +7,7 @@ import json
 import subprocess
 import time
 
+import pytest
 from dagster import DagsterEventType, DagsterInstance
 
 from dagster_taskiq.core.health import RECEIVE_WAIT_SECONDS, VISIBILITY_MARGIN_SECONDS
@@ -26,6 +27,7 @@ DEAD_LETTER_TIMEOUT = 5
 RUN_BOUND = 2 * 20 + VISIBILITY_MARGIN_SECONDS + RECEIVE_WAIT_SECONDS + DEAD_LETTER_TIMEOUT + 60
 
 
+@pytest.mark.slow  # a long fault run: `make test-slow`
 def test_a_run_whose_last_delivery_died_ends_without_the_dlq_processor(
     make_stack: StackFactory, ledger: Ledger
 ) -> None:

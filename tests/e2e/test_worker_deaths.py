@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 from dagster import DagsterEventType, DagsterInstance
 
 from dagster_taskiq.core.ledger import Ledger, Status
@@ -69,6 +70,7 @@ def kill_each_start(pool: WorkerPool, run_id: str, deaths: int) -> list[int]:
     return victims
 
 
+@pytest.mark.slow  # a long fault run: `make test-slow`
 def test_a_step_survives_one_fewer_whole_worker_deaths_than_its_deliveries(
     make_stack: StackFactory, ledger: Ledger
 ) -> None:
@@ -90,6 +92,7 @@ def test_a_step_survives_one_fewer_whole_worker_deaths_than_its_deliveries(
         assert sum("lost its lease" in m for m in engine_messages(instance, run.run_id)) == 2
 
 
+@pytest.mark.slow  # a long fault run: `make test-slow`
 def test_a_step_whose_worker_dies_every_time_is_dead_lettered_after_exactly_n_deliveries(
     make_stack: StackFactory, ledger: Ledger
 ) -> None:

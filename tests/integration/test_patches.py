@@ -9,8 +9,10 @@ version, instead of misbehaving in a run.
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import logging
 import re
+import sys
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -104,6 +106,14 @@ def _context_creation_with_other_parameters(monkeypatch: pytest.MonkeyPatch) -> 
     )
 
 
+def _execute_step_setup_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The command still calls it, but the module it came from is gone.
+    monkeypatch.setitem(sys.modules, "dagster._core.snowflake_partner", None)
+    monkeypatch.setattr(
+        inspect, "getsource", lambda obj: "set_snowflake_partner_env_var()", raising=True
+    )
+
+
 def _loop_without_a_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         StepDelegatingExecutor, "execute", lambda self, plan_context, execution_plan: iter(())
@@ -125,6 +135,7 @@ CHANGES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "storage_engines": _webserver_pool_with_other_options,
     "store_event": _no_notify_channel,
     "context_creation": _context_creation_with_other_parameters,
+    "execute_step_setup": _execute_step_setup_moved,
     "step_delegating_loop": _loop_without_a_sleep,
     "active_execution": _active_execution_without_its_state,
     "event_notifications": _engine_factory_with_other_parameters,

@@ -37,13 +37,13 @@ from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
 from dagster._core.execution.api import execute_plan_iterator
 from dagster._core.execution.context_creation_job import create_context_free_log_manager
 from dagster._core.execution.plan.plan import ExecutionPlan
-from dagster._core.snowflake_partner import set_snowflake_partner_env_var
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import deserialize_value
 from dagster._utils.error import serializable_error_info_from_exc_info
 from dagster_shared.record import copy
 
+from dagster_taskiq import patches
 from dagster_taskiq.executor.attempt_outcomes import AttemptOutcome, attempt_outcome
 from dagster_taskiq.patches import reuse_resolved_run_config
 from dagster_taskiq.worker.attempt_context import StepAttempt, set_current_attempt
@@ -169,7 +169,7 @@ def _prepare_environment(instance: DagsterInstance, run: DagsterRun) -> None:
     # What ``dagster api execute_step`` does before it loads the job.
     location_name = run.remote_job_origin.location_name if run.remote_job_origin else None
     instance.inject_env_vars(location_name)
-    set_snowflake_partner_env_var()
+    patches.set_up_as_execute_step()
 
 
 def execute(
