@@ -15,7 +15,10 @@ setting, ContentBasedDeduplication: while a send runs, that setting is all it is
 
 moto's delete rebuilds the queue's list of messages without the lock its sends append
 under, so a message sent during a delete was lost, and of two deletes at once one
-brought the other's message back (delivered again). A delete now holds that lock.
+brought the other's message back (delivered again). A delete now holds that lock. Its
+receive walks the queue's pending messages while another receive changes them (a
+``RuntimeError``, answered as a server error) and can hand one message to two receives at
+once; each pass of a receive now holds that lock too, and its long poll waits outside it.
 
 Every request, whatever the queue depth, also paid for two things SQS has no part in:
 moto's server listed its own package directory to find the request's service (a
@@ -107,6 +110,30 @@ def _locked_delete(delete: Any) -> Any:
     return delete_message
 
 
+def _locked_receive(receive: Any) -> Any:
+    """moto's ``SQSBackend.receive_message``: each look at the queue under the lock a send
+    appends under, the long poll's waiting between looks outside it."""
+
+    def receive_message(
+        backend: Any,
+        queue_name: str,
+        count: int,
+        wait_seconds_timeout: int,
+        *rest: Any,  # the visibility timeout and attribute names, as moto's server passes them
+    ) -> Any:
+        queue = backend.get_queue(queue_name)
+        polling_end = time.time() + wait_seconds_timeout
+        while True:
+            with queue._messages_lock:
+                received = receive(backend, queue_name, count, 0, *rest)
+            remaining = polling_end - time.time()
+            if received or remaining <= 0:
+                return received
+            queue.wait_for_messages(min(1.0, remaining))
+
+    return receive_message
+
+
 def speed_up_moto() -> list[str]:
     """Take the per-message clock and attribute work out of moto's SQS calls, and lock
     its deletes; returns what was replaced (a moto without one of these names keeps its
@@ -138,6 +165,11 @@ def speed_up_moto() -> list[str]:
         ),
         (models.Queue, "attributes", _queue_attributes(models.Queue.attributes)),
         (models.Queue, "delete_message", _locked_delete(models.Queue.delete_message)),
+        (
+            models.SQSBackend,
+            "receive_message",
+            _locked_receive(models.SQSBackend.receive_message),
+        ),
     )
     replaced = []
     for owner, name, replacement in replacements:
