@@ -116,6 +116,25 @@ def require(name: str) -> None:
         _checked.add(name)
 
 
+# What a worker's step process patches. The fork server checks them before it forks, so
+# each step process inherits the checks rather than reading the libraries' sources and
+# metadata again between its fork and its "ready" (about 50 ms and 8 MB a step process).
+STEP_PROCESS_PATCHES = (
+    "pg_connection_retries",
+    "pool_pre_ping",
+    "run_stats_columns",
+    "storage_engines",
+    "store_event",
+    "context_creation",
+    "execute_step_setup",
+)
+
+
+def require_all(names: Collection[str]) -> None:
+    for name in names:
+        require(name)
+
+
 def _parameters(function: Any, expected: list[str], where: str) -> list[str]:
     try:
         names = list(inspect.signature(function).parameters)

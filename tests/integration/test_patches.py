@@ -12,6 +12,7 @@ import importlib.metadata
 import inspect
 import logging
 import re
+import subprocess
 import sys
 import tomllib
 from collections.abc import Callable, Iterator
@@ -140,6 +141,22 @@ CHANGES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "active_execution": _active_execution_without_its_state,
     "event_notifications": _engine_factory_with_other_parameters,
 }
+
+
+def test_a_fork_server_checks_its_step_processes_patches_before_it_forks() -> None:
+    # In a fresh interpreter, as a fork server starts: its children inherit the checks.
+    code = (
+        "from dagster_taskiq import patches\n"
+        "from dagster_taskiq.worker.step_process import preload\n"
+        "assert not patches._checked\n"
+        "preload()\n"
+        "print(' '.join(sorted(patches._checked)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert set(patches.STEP_PROCESS_PATCHES) <= set(patches.PATCHES)
+    assert set(done.stdout.split()) == set(patches.STEP_PROCESS_PATCHES)
 
 
 def test_every_patch_has_a_change_it_refuses() -> None:

@@ -90,18 +90,21 @@ LAZY_IMPORTS = (
 
 def preload() -> Any:
     """What a step process imports before its first step, but for the code locations:
-    Dagster, the instance's storage classes, this package's step-running modules. Returns
+    Dagster, the instance's storage classes, this package's step-running modules; and the
+    checks of the patches it applies. Returns
     the instance's configuration read from DAGSTER_HOME (an InstanceRef), or None."""
     import importlib
 
     import dagster  # noqa: F401
     from dagster._utils import interrupts  # noqa: F401
 
+    from dagster_taskiq import patches
     from dagster_taskiq.worker import compute_logs, execution, plans, step_storage  # noqa: F401
 
     for name in LAZY_IMPORTS:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    patches.require_all(patches.STEP_PROCESS_PATCHES)
     return _instance_ref()
 
 
