@@ -546,16 +546,26 @@ def reuse_resolved_run_config(run: ResolvedRun) -> Iterator[None]:
 # -- Dagster's ``execute_step``: what a step process does as it would ---------------------
 
 
+@functools.cache
+def _snowflake_partner_setup() -> Callable[[], None] | None:
+    # Looked up once: on a release without the module, a failed import is not cached by
+    # Python and would search sys.path again on every step.
+    try:
+        from dagster._core.snowflake_partner import set_snowflake_partner_env_var
+    except ImportError:
+        return None
+    return set_snowflake_partner_env_var
+
+
 def _execute_step_setup_shape() -> list[str]:
     from dagster._cli import api
 
     if "set_snowflake_partner_env_var" not in inspect.getsource(api):
         return []  # a release before it (1.13.0 has none): nothing to do as it does
-    try:
-        from dagster._core.snowflake_partner import set_snowflake_partner_env_var
-    except ImportError as e:
-        return [f"dagster api execute_step calls set_snowflake_partner_env_var, not found: {e}"]
-    return _parameters(set_snowflake_partner_env_var, [], "set_snowflake_partner_env_var")
+    setup = _snowflake_partner_setup()
+    if setup is None:
+        return ["dagster api execute_step calls set_snowflake_partner_env_var, not found"]
+    return _parameters(setup, [], "set_snowflake_partner_env_var")
 
 
 def set_up_as_execute_step() -> None:
@@ -563,11 +573,9 @@ def set_up_as_execute_step() -> None:
     job, beyond the instance's environment variables: since a 1.13 release, the Snowflake
     partner variable. A warm step process does not run that command, so it does this."""
     require("execute_step_setup")
-    try:
-        from dagster._core.snowflake_partner import set_snowflake_partner_env_var
-    except ImportError:
-        return  # the installed Dagster does not do it either
-    set_snowflake_partner_env_var()
+    setup = _snowflake_partner_setup()
+    if setup is not None:  # else the installed Dagster does not do it either
+        setup()
 
 
 # -- Dagster's step-delegating loop and active execution: what the executor reads -------

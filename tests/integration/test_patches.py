@@ -8,6 +8,7 @@ version, instead of misbehaving in a run.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import inspect
 import logging
@@ -110,6 +111,9 @@ def _context_creation_with_other_parameters(monkeypatch: pytest.MonkeyPatch) -> 
 def _execute_step_setup_moved(monkeypatch: pytest.MonkeyPatch) -> None:
     # The command still calls it, but the module it came from is gone.
     monkeypatch.setitem(sys.modules, "dagster._core.snowflake_partner", None)
+    # A lookup of its own, not the process's cached one; both are put back after the test.
+    fresh = functools.cache(patches._snowflake_partner_setup.__wrapped__)
+    monkeypatch.setattr(patches, "_snowflake_partner_setup", fresh)
     monkeypatch.setattr(
         inspect, "getsource", lambda obj: "set_snowflake_partner_env_var()", raising=True
     )

@@ -43,9 +43,8 @@ from dagster._serdes import deserialize_value
 from dagster._utils.error import serializable_error_info_from_exc_info
 from dagster_shared.record import copy
 
-from dagster_taskiq import patches
 from dagster_taskiq.executor.attempt_outcomes import AttemptOutcome, attempt_outcome
-from dagster_taskiq.patches import reuse_resolved_run_config
+from dagster_taskiq.patches import reuse_resolved_run_config, set_up_as_execute_step
 from dagster_taskiq.worker.attempt_context import StepAttempt, set_current_attempt
 from dagster_taskiq.worker.config import CodeLocation
 from dagster_taskiq.worker.origins import origin_allowed, quoted
@@ -169,7 +168,7 @@ def _prepare_environment(instance: DagsterInstance, run: DagsterRun) -> None:
     # What ``dagster api execute_step`` does before it loads the job.
     location_name = run.remote_job_origin.location_name if run.remote_job_origin else None
     instance.inject_env_vars(location_name)
-    patches.set_up_as_execute_step()
+    set_up_as_execute_step()
 
 
 def execute(
