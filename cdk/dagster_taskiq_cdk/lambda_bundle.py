@@ -20,12 +20,14 @@ extensions out with a warning, and both libraries fall back to pure Python.
 
 The directory is content-addressed (``<build>/<name>-<digest>``) and written once, by an atomic
 rename: the same inputs give the same directory and the same CDK asset hash, and two synths
-running at once never see half a bundle.
+running at once never see half a bundle. A directory that no longer holds exactly its content
+(a handler run from it leaves ``__pycache__``) is built again, not reused.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import importlib.metadata
 import itertools
@@ -52,6 +54,7 @@ PACKAGE = PACKAGE_DIR.name
 BUNDLED_MODULES = (
     "__init__",
     "core/__init__",
+    "core/connections",
     "core/errors",
     "core/ledger",
     "core/messages",
@@ -148,7 +151,11 @@ def build_bundle(
     digest = _digest(files)
     target = build_dir / f"{name}-{digest[:20]}"
     if target.is_dir():
-        return target
+        if tree_digest(target) == digest:
+            return target
+        # Written to since it was built (running the handler from it leaves __pycache__
+        # behind): its asset hash is no longer that of the planned content. Built again.
+        _discard(target)
     build_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=build_dir))
     try:
@@ -492,12 +499,25 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 def tree_digest(directory: Path) -> str:
-    """sha256 over a directory's relative paths and contents: equal trees, equal digests."""
+    """sha256 over a directory's relative paths and contents: equal trees, equal digests.
+
+    Paths in string order, as a plan's destinations are: a bundle that holds exactly its
+    plan's files has the digest of the plan (``_digest``).
+    """
     digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    files = {p.relative_to(directory).as_posix(): p for p in directory.rglob("*") if p.is_file()}
+    for relative in sorted(files):
+        digest.update(relative.encode() + b"\0")
+        digest.update(hashlib.sha256(files[relative].read_bytes()).digest())
     return digest.hexdigest()
+
+
+def _discard(bundle: Path) -> None:
+    """Remove a bundle directory: renamed aside first, so no synth reads it half-deleted."""
+    aside = Path(tempfile.mkdtemp(prefix=f".discarded-{bundle.name}-", dir=bundle.parent))
+    with contextlib.suppress(FileNotFoundError):  # another synth discarded it first
+        bundle.rename(aside / bundle.name)
+    shutil.rmtree(aside)
 
 
 __all__ = [

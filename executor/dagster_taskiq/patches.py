@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dagster_taskiq.core.connections import check_before_use
 from dagster_taskiq.core.errors import PatchTargetChanged
 from dagster_taskiq.core.observability import module_logger
 from dagster_taskiq.core.retry import Backoff
@@ -59,6 +60,8 @@ class Patch:
     library: str  # the distribution whose internals it touches
     why: str
     shape: Callable[[], list[str]]  # what of the target differs; empty when as written for
+    # Applied in a worker's step processes: the fork server checks it before it forks.
+    in_step_process: bool = False
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -116,20 +119,6 @@ def require(name: str) -> None:
         _checked.add(name)
 
 
-# What a worker's step process patches. The fork server checks them before it forks, so
-# each step process inherits the checks rather than reading the libraries' sources and
-# metadata again between its fork and its "ready" (about 50 ms and 8 MB a step process).
-STEP_PROCESS_PATCHES = (
-    "pg_connection_retries",
-    "pool_pre_ping",
-    "run_stats_columns",
-    "storage_engines",
-    "store_event",
-    "context_creation",
-    "execute_step_setup",
-)
-
-
 def require_all(names: Collection[str]) -> None:
     for name in names:
         require(name)
@@ -184,29 +173,6 @@ def lengthen_pg_connection_retries(retry_limit: int, retry_wait: float) -> None:
         return
     require("pg_connection_retries")
     utils.retry_pg_connection_fn.__defaults__ = (retry_limit, retry_wait)
-
-
-# -- SQLAlchemy: a pooled connection is checked before use ------------------------------
-
-
-def _pool_pre_ping_shape() -> list[str]:
-    import sqlalchemy as sa
-
-    engine = sa.create_engine("postgresql+pg8000://shape-check@localhost/none")
-    try:
-        return _has(engine.pool, "_pre_ping", "sqlalchemy's Pool")
-    finally:
-        engine.dispose()
-
-
-def check_before_use(engine: sa.engine.Engine | None) -> None:
-    """What ``create_engine(pool_pre_ping=True)`` sets, on an engine Dagster made without
-    it: a connection a restart or a network cut dropped is replaced, not failed on."""
-    pool = getattr(engine, "pool", None)
-    if pool is None:
-        return
-    require("pool_pre_ping")
-    pool._pre_ping = True
 
 
 # -- Dagster's run storage: the catalog is asked once -----------------------------------
@@ -290,7 +256,7 @@ def pooled_event_log(instance: DagsterInstance) -> Iterator[None]:
     require("storage_engines")
     storage.optimize_for_webserver(**POOL_OPTIONS)
     pooled = storage._engine
-    check_before_use(pooled)
+    check_before_use(pooled)  # public pool events (core/connections.py), not a patch
     try:
         yield
     finally:
@@ -304,7 +270,9 @@ def pool_instance_storages(instance: DagsterInstance) -> None:
     require("storage_engines")
     instance.optimize_for_webserver(**POOL_OPTIONS)
     for name in ("_run_storage", "_event_storage", "_schedule_storage"):
-        check_before_use(getattr(getattr(instance, name, None), "_engine", None))
+        engine = getattr(getattr(instance, name, None), "_engine", None)
+        if engine is not None:
+            check_before_use(engine)
 
 
 # -- dagster-postgres's event log: what ``store_event`` does, changed -------------------
@@ -653,42 +621,42 @@ PATCHES: dict[str, Patch] = {
             "dagster-postgres",
             "a step process waits about 25 s for the database, not 6",
             _pg_connection_retries_shape,
-        ),
-        Patch(
-            "pool_pre_ping",
-            "sqlalchemy",
-            "a pooled connection is checked before use",
-            _pool_pre_ping_shape,
+            in_step_process=True,
         ),
         Patch(
             "run_stats_columns",
             "dagster",
             "the runs table's catalog is asked once, not at every run read",
             _run_stats_columns_shape,
+            in_step_process=True,
         ),
         Patch(
             "storage_engines",
             "dagster-postgres",
             "Dagster's storages on connection pools",
             _storage_engine_shape,
+            in_step_process=True,
         ),
         Patch(
             "store_event",
             "dagster-postgres",
             "events written again after a cut connection, and in batches",
             _store_event_shape,
+            in_step_process=True,
         ),
         Patch(
             "context_creation",
             "dagster",
             "a warm step process resolves a run's config once",
             _context_creation_shape,
+            in_step_process=True,
         ),
         Patch(
             "execute_step_setup",
             "dagster",
             "a warm step process sets up a step as `dagster api execute_step` does",
             _execute_step_setup_shape,
+            in_step_process=True,
         ),
         Patch(
             "step_delegating_loop",
@@ -710,3 +678,8 @@ PATCHES: dict[str, Patch] = {
         ),
     )
 }
+
+# The fork server checks these before it forks, so each step process inherits the checks
+# rather than reading the libraries' sources and metadata again between its fork and its
+# "ready" (about 50 ms and 8 MB a step process).
+STEP_PROCESS_PATCHES = tuple(name for name, patch in PATCHES.items() if patch.in_step_process)

@@ -59,8 +59,9 @@ assert not outside, outside
 def _import_alone(bundle: Path, runtime_packages: Path) -> None:
     """Import the handler from the bundle and the runtime's packages only."""
     # -S: no site-packages, so nothing can come from this virtualenv (where dagster is).
+    # -B: no __pycache__ written into the bundle, which other tests reuse.
     completed = subprocess.run(
-        [sys.executable, "-S", "-c", IMPORT_CHECK, str(bundle), str(runtime_packages)],
+        [sys.executable, "-S", "-B", "-c", IMPORT_CHECK, str(bundle), str(runtime_packages)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -177,7 +178,7 @@ def test_a_bundle_for_another_python_loads_its_extensions_there(
     executable, version = found
     bundle = build_bundle("scaler", build_dir=tmp_path, python_version=version)
     completed = subprocess.run(
-        [executable, "-S", "-c", EXTENSIONS_CHECK, str(bundle), str(runtime_packages)],
+        [executable, "-S", "-B", "-c", EXTENSIONS_CHECK, str(bundle), str(runtime_packages)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -211,6 +212,22 @@ def test_bundle_is_deterministic(name: str, tmp_path: Path) -> None:
     assert not list(first.rglob("__pycache__"))
     modes = {p.stat().st_mode & 0o777 for p in first.rglob("*") if p.is_file()}
     assert modes == {0o644}  # readable by Lambda's user whatever the umask
+
+
+def test_a_bundle_written_to_after_it_was_built_is_built_again(tmp_path: Path) -> None:
+    """Running the handler from a bundle leaves __pycache__ in it: reused as it is, its asset
+    hash would no longer be that of the content the plan says (and the template was given)."""
+    clean = build_bundle("scaler", build_dir=tmp_path)
+    digest = tree_digest(clean)
+    stray = clean / "dagster_taskiq" / "__pycache__" / "ledger.cpython-311.pyc"
+    stray.parent.mkdir()
+    stray.write_bytes(b"compiled")
+    (clean / "handler.py").write_text("edited\n")
+    again = build_bundle("scaler", build_dir=tmp_path)
+    assert again == clean
+    assert not stray.parent.exists()
+    assert tree_digest(again) == digest
+    assert [p.name for p in tmp_path.iterdir()] == [clean.name]  # nothing left aside
 
 
 def test_template_uses_the_bundle(default_build: Build) -> None:

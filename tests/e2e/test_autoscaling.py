@@ -38,9 +38,12 @@ def test_an_idle_stack_scales_from_zero_on_the_executors_trigger_and_back(
     # The next evaluations see an empty queue; after the window the pool goes to zero.
     autoscaler.tick_seconds = 0.5
     autoscaler.invoke({})
-    wait_for(lambda: pool.target == 0, timeout=30, what="scale-in to zero")
-    reasons = [e.decision.reason for _, e, _ in autoscaler.evaluations]
-    assert Reason.SCALE_IN in reasons
+    scale_in = autoscaler.wait_for_evaluation(
+        lambda e: e.decision.reason is Reason.SCALE_IN, timeout=30
+    )
+    assert scale_in is not None, "no scale-in evaluation within 30 s"
+    assert scale_in.applied and scale_in.decision.desired == 0
+    assert pool.target == 0
     wait_for(lambda: pool.size == 0, timeout=60, what="the workers to drain and exit")
 
 

@@ -53,6 +53,11 @@ def fault_plan() -> Plan:
         submissions.append(Submission(at=2.0 * i, job=job, run_config=config))
     submissions.append(Submission(at=6.0, job="retry_job"))
     submissions.append(Submission(at=8.0, job="failing_job"))
+    # A step still running when the second kill comes (22 s), however soon the runs above
+    # are done: a kill that finds no busy worker does not land (they were all done by 23 s
+    # once the workers stopped pinging their connections before every statement).
+    job, config = slow(8.0)
+    submissions.append(Submission(at=16.0, job=job, run_config=config))
     return Plan(
         scenario="fault-injection",
         duration=40.0,

@@ -33,6 +33,7 @@ from dagster_postgres.event_log import event_log as pg_event_log
 from dagster_postgres.event_log.event_log import PostgresEventLogStorage
 
 from dagster_taskiq import patches
+from dagster_taskiq.core import connections
 from dagster_taskiq.core.errors import PatchTargetChanged
 from dagster_taskiq.core.settings import dagster_storage_url
 
@@ -76,16 +77,6 @@ def test_the_declared_dagster_range_is_the_tested_one() -> None:
 
 def _changed_retry_function(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pg_utils, "retry_pg_connection_fn", lambda fn: fn())
-
-
-def _pool_without_pre_ping(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = sa.pool.QueuePool.__init__
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        del self._pre_ping
-
-    monkeypatch.setattr(sa.pool.QueuePool, "__init__", init)
 
 
 def _run_stats_question_with_an_argument(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,7 +126,6 @@ def _engine_factory_with_other_parameters(monkeypatch: pytest.MonkeyPatch) -> No
 
 CHANGES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "pg_connection_retries": _changed_retry_function,
-    "pool_pre_ping": _pool_without_pre_ping,
     "run_stats_columns": _run_stats_question_with_an_argument,
     "storage_engines": _webserver_pool_with_other_options,
     "store_event": _no_notify_channel,
@@ -240,6 +230,6 @@ def test_pooled_event_log_is_checked_before_use_and_put_back(
     with patches.pooled_event_log(instance):
         pooled = event_log_storage._engine
         assert pooled is not original
-        assert pooled.pool._pre_ping is True
+        assert connections.checks(pooled)
         assert event_log_storage.get_logs_for_run("no-such-run") == []
     assert event_log_storage._engine is original

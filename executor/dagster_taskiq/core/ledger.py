@@ -33,6 +33,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from dagster_taskiq.core.connections import check_before_use
 from dagster_taskiq.core.errors import ConfigurationError, LedgerUnavailable
 from dagster_taskiq.core.messages import safe_text
 from dagster_taskiq.core.schema import SchemaState, read_state, require_usable
@@ -266,11 +267,11 @@ class Ledger:
         self.engine: Engine = sa.create_engine(
             self.url,
             connect_args=connect_args,
-            pool_pre_ping=True,
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_recycle=1800,
         )
+        check_before_use(self.engine)
 
     def __repr__(self) -> str:
         return f"Ledger({redact_url(self.url)})"

@@ -14,6 +14,7 @@ from typing import Any
 
 from dagster import DagsterEvent, DagsterEventType, MetadataValue
 from dagster._core.events import EngineEventData
+from dagster._core.execution.context.system import IStepContext
 from dagster._core.execution.plan.objects import StepFailureData
 from dagster._core.execution.plan.state import KnownExecutionState
 from dagster._core.execution.plan.step import ExecutionStep
@@ -97,6 +98,7 @@ class PendingLaunch:
     """A step ready to send: its ledger row, its message and where it goes."""
 
     context: StepHandlerContext
+    step_context: IStepContext  # made once: its events and its message's known state
     key: str
     step_key: str
     attempt: int
@@ -237,11 +239,12 @@ class SqsStepHandler(StepHandler):
     ) -> PendingLaunch:
         run_id = context.dagster_run.run_id
         args = context.execute_step_args
+        step_context = context.get_step_context(step_key)
         # No secret travels: workers use their own instance, never the run worker's ref.
         args = copy(
             args,
             instance_ref=None,
-            known_state=step_known_state(args.known_state, context.get_step_context(step_key).step),
+            known_state=step_known_state(args.known_state, step_context.step),
         )
         message = StepMessage.new(
             run_id=run_id,
@@ -258,6 +261,7 @@ class SqsStepHandler(StepHandler):
         )
         return PendingLaunch(
             context=context,
+            step_context=step_context,
             key=key,
             step_key=step_key,
             attempt=attempt,
@@ -315,7 +319,7 @@ class SqsStepHandler(StepHandler):
         destination = launch.destination
         lane = " (priority lane)" if destination.in_priority_lane else ""
         return DagsterEvent.step_worker_starting(
-            launch.context.get_step_context(launch.step_key),
+            launch.step_context,
             message=f'Queued step "{launch.step_key}" (attempt {launch.attempt + 1}) on queue '
             f'"{destination.route.name}"{lane}.',
             metadata={
@@ -458,7 +462,7 @@ class SqsStepHandler(StepHandler):
             self._queued_event(launch, message_id)
             return
         DagsterEvent.engine_event(
-            launch.context.get_step_context(launch.step_key),
+            launch.step_context,
             f'Step "{launch.step_key}" could not be queued: {error or "not sent"}. Its '
             "ledger record says so, and its next health check fails it.",
             EngineEventData(),

@@ -67,6 +67,7 @@ class LocalAutoscaler:
         self.tick_seconds = tick_seconds
         self.on_evaluation = on_evaluation
         self.evaluations: list[tuple[float, Evaluation, str]] = []  # (time.time(), ..., cause)
+        self._recorded = threading.Condition()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._cause = "tick"
@@ -98,9 +99,24 @@ class LocalAutoscaler:
                 continue
             if evaluation is None:
                 continue
-            self.evaluations.append((time.time(), evaluation, cause))
+            with self._recorded:
+                self.evaluations.append((time.time(), evaluation, cause))
+                self._recorded.notify_all()
             if self.on_evaluation is not None:
                 self.on_evaluation(evaluation, cause)
+
+    def wait_for_evaluation(
+        self, matches: Callable[[Evaluation], bool], timeout: float
+    ) -> Evaluation | None:
+        """The first recorded evaluation that ``matches``, waiting up to ``timeout`` s for
+        one; None if none came. Wait on this, not on the pool: the scaler sets the pool's
+        target before its evaluation is recorded here."""
+
+        def first() -> Evaluation | None:
+            return next((e for _, e, _ in self.evaluations if matches(e)), None)
+
+        with self._recorded:
+            return self._recorded.wait_for(first, timeout)
 
     def stop(self) -> None:
         self._stop.set()

@@ -115,9 +115,10 @@ def run_demo(*, max_workers: int = 2, concurrency: int = 1) -> int:
             say("the run did not succeed; worker logs follow")
             print(pool.logs()[-20000:], file=sys.stderr)
         say("waiting for the scaler to scale in to zero")
-        deadline = time.monotonic() + 60
-        while pool.target > 0 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        # A scale-in to zero that is recorded (a scale to zero mid-run does not count).
+        autoscaler.wait_for_evaluation(
+            lambda e: e.applied and e.decision.desired == 0 and pool.target == 0, timeout=60
+        )
         # After the scale-in, so that the scaling figures include it.
         summary = summarize(instance, stack, autoscaler, result.run_id, wall)
         summary["scaled_in_to_zero"] = pool.target == 0

@@ -91,8 +91,8 @@ LAZY_IMPORTS = (
 def preload() -> Any:
     """What a step process imports before its first step, but for the code locations:
     Dagster, the instance's storage classes, this package's step-running modules; and the
-    checks of the patches it applies. Returns
-    the instance's configuration read from DAGSTER_HOME (an InstanceRef), or None."""
+    checks of the patches it applies. Returns the instance's configuration read from
+    DAGSTER_HOME (an InstanceRef), or None."""
     import importlib
 
     import dagster  # noqa: F401
