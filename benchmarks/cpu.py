@@ -6,6 +6,10 @@ during the timed runs, per step: the run worker (this process), the worker's sup
 its step processes, anything those start (counted when they exit), the SQS emulator and
 PostgreSQL (its server processes, ended ones included). On a 2-core machine their sum
 over the wall time says how near the run is to being CPU-bound.
+
+``make bench`` reports the same per step for ``fanout_100`` and ``fanout_1000``
+(``CpuClock``): the same cost per step at both sizes says the larger run cannot take less
+time per step on this machine, whatever it overlaps.
 """
 
 from __future__ import annotations
@@ -14,11 +18,10 @@ import argparse
 import contextlib
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-
-from benchmarks.run import bench_stack, timed_run
 
 STEPS = {"fanout_100": 101, "chain_20": 20, "sleep_20": 20, "fanout_1000": 1001}
 
@@ -57,6 +60,9 @@ def snapshot(worker_pid: int, emulator_pid: int, postgres_pid: int | None) -> di
     parts = {
         "run worker": _cpu(psutil.Process(), with_ended_children=False),
         "supervisor": _cpu(worker, with_ended_children=False),
+        # Recycled step processes, once the supervisor (their subreaper) reaped them.
+        "ended step processes": _cpu(worker, with_ended_children=True)
+        - _cpu(worker, with_ended_children=False),
         "step processes": sum(_cpu(p, with_ended_children=False) for p in step_processes),
         "started by step processes": sum(
             _cpu(p, with_ended_children=True) - _cpu(p, with_ended_children=False)
@@ -72,11 +78,39 @@ def snapshot(worker_pid: int, emulator_pid: int, postgres_pid: int | None) -> di
     return parts
 
 
+@dataclass
+class CpuClock:
+    """CPU seconds of each part of a local stack's run since ``start``."""
+
+    pids: tuple[int, int, int | None]  # the worker's supervisor, the emulator, PostgreSQL
+    started: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def for_stack(cls, root: Path, worker_pid: int) -> CpuClock:
+        return cls((worker_pid, *_stack_processes(root)))
+
+    def start(self) -> None:
+        self.started = snapshot(*self.pids)
+
+    def elapsed(self) -> dict[str, float]:
+        now = snapshot(*self.pids)
+        return {part: now[part] - self.started.get(part, 0.0) for part in now}
+
+
+def per_step_ms(used: dict[str, float], steps: int) -> dict[str, float]:
+    """Milliseconds of CPU per step, by part and in all."""
+    rows = {part: round(1000 * seconds / steps, 1) for part, seconds in used.items()}
+    rows["all"] = round(1000 * sum(used.values()) / steps, 1)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("workload", choices=sorted(STEPS))
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
+    from benchmarks.run import bench_stack, timed_run  # which uses this module
+
     with contextlib.ExitStack() as exits:
         root, stack, instance = bench_stack(exits)
         pool = stack.worker_pool(concurrency=2)
@@ -84,14 +118,13 @@ def main() -> None:
         timed_run(instance, args.workload, "taskiq", {})  # warm-up
         # The steps of the warm-up are recorded a moment after the run ends.
         time.sleep(2)
-        pids = (pool.processes[0].pid, *_stack_processes(root))
-        before = snapshot(*pids)
+        clock = CpuClock.for_stack(root, pool.processes[0].pid)
+        clock.start()
         wall = sum(timed_run(instance, args.workload, "taskiq", {}) for _ in range(args.runs))
         time.sleep(2)
-        after = snapshot(*pids)
+        used = clock.elapsed()
 
     steps = STEPS[args.workload] * args.runs
-    used = {part: after[part] - before[part] for part in before}
     print(f"{args.workload}: {args.runs} runs, {steps} steps, {wall:.2f} s of wall time")
     print(f"{'part':<28}{'CPU s':>9}{'ms per step':>14}")
     for part, seconds in [*used.items(), ("all", sum(used.values()))]:

@@ -28,6 +28,7 @@ import psutil
 from dagster import DagsterInstance, execute_job
 
 from benchmarks import worker_memory
+from benchmarks.cpu import STEPS, CpuClock, per_step_ms
 from benchmarks.jobs import reconstructable_job
 from benchmarks.launches import measure as launch_figures
 from dagster_taskiq.core.ledger import Ledger
@@ -38,6 +39,8 @@ RESULTS = REPO_ROOT / "benchmarks" / "results"
 WORKLOADS = ("fanout_100", "chain_20", "sleep_20")
 # And the one this executor alone runs (the others would take most of an hour on it).
 ALL_WORKLOADS = (*WORKLOADS, "fanout_1000")
+# Their CPU per step is reported by part of the stack (benchmarks.cpu).
+FANOUTS = ("fanout_100", "fanout_1000")
 # Top-level keys of the report that benchmarks.launches measures.
 LAUNCH_KEYS = (
     "launch_steps_per_s",
@@ -258,6 +261,7 @@ def run(
                 exits.enter_context(celery_worker(broker, root))
                 configs["celery"] = {"execution": {"config": {"broker": broker, "backend": broker}}}
         worker_pid = None
+        cpu: dict[str, dict[str, float]] = {}
         if "taskiq" in peers:
             pool = stack.worker_pool(concurrency=2)
             pool.scale_to(1)
@@ -266,20 +270,31 @@ def run(
         for peer in active:
             say(f"warming up {peer}")
             timed_run(instance, "chain_20", peer, configs[peer])
+        clock = CpuClock.for_stack(root, worker_pid) if worker_pid is not None else None
         for workload in (w for w in WORKLOADS if w in workloads):
             report["workloads"][workload] = {}
             for peer in active:
                 seconds = []
+                if peer == "taskiq" and clock is not None:
+                    clock.start()
                 for rep in range(reps):
                     seconds.append(timed_run(instance, workload, peer, configs[peer]))
                     say(f"{workload} on {peer}, run {rep + 1}: {seconds[-1]:.2f} s")
                 report["workloads"][workload][peer] = figures(seconds)
+                if peer == "taskiq" and clock is not None and workload in FANOUTS:
+                    cpu[workload] = per_step_ms(clock.elapsed(), STEPS[workload] * reps)
         if "taskiq" in active and "fanout_1000" in workloads:
             seconds = []
+            assert clock is not None
+            clock.start()
             for rep in range(reps):
                 seconds.append(timed_run(instance, "fanout_1000", "taskiq", {}))
                 say(f"fanout_1000 on taskiq, run {rep + 1}: {seconds[-1]:.2f} s")
             report["workloads"]["fanout_1000"] = {"taskiq": figures(seconds)}
+            cpu["fanout_1000"] = per_step_ms(clock.elapsed(), STEPS["fanout_1000"] * reps)
+        if cpu:
+            # Where a step's cost goes, on this executor (see benchmarks.cpu).
+            report["cpu_ms_per_step"] = cpu
         if "taskiq" in active:
             if pickup_samples > 0:
                 report["pickup_latency_ms"] = pickup_latency_ms(instance, stack, pickup_samples)
@@ -313,8 +328,8 @@ def per_step_ratio(report: dict[str, Any]) -> float | None:
     rows = report["workloads"]
     if "taskiq" not in rows.get("fanout_1000", {}) or "taskiq" not in rows.get("fanout_100", {}):
         return None
-    big = float(rows["fanout_1000"]["taskiq"]["median_s"]) / 1001
-    small = float(rows["fanout_100"]["taskiq"]["median_s"]) / 101
+    big = float(rows["fanout_1000"]["taskiq"]["median_s"]) / STEPS["fanout_1000"]
+    small = float(rows["fanout_100"]["taskiq"]["median_s"]) / STEPS["fanout_100"]
     return round(big / small, 3)
 
 
@@ -381,6 +396,12 @@ def print_table(report: dict[str, Any]) -> None:
     for row in report.get("worker_idle_memory_mb", []):
         sizes = f"RSS {row['rss']} MB, PSS {row['pss']} MB, USS {row['uss']} MB"
         print(f"- idle {row['role']}: {sizes}")
+    for workload, parts in report.get("cpu_ms_per_step", {}).items():
+        costs = ", ".join(f"{part} {ms}" for part, ms in parts.items())
+        print(f"- CPU ms per step, {workload} on taskiq: {costs}")
+    by_round = report.get("launches", {}).get("launch_ratio_by_round")
+    if by_round:
+        print(f"- launch steps per s vs before, by round: {by_round}")
 
 
 def draw(report: dict[str, Any], path: Path) -> None:
@@ -390,7 +411,8 @@ def draw(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = list(report["workloads"])
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4 * len(workloads), 4))
+    fig, grid = plt.subplots(1, len(workloads), figsize=(4 * len(workloads), 4), squeeze=False)
+    axes = grid[0]
     for axis, workload in zip(axes, workloads, strict=True):
         row = report["workloads"][workload]
         names = [p for p in PEERS if p in row]
