@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.harness import bench_stack, timed_run
+
 STEPS = {"fanout_100": 101, "chain_20": 20, "sleep_20": 20, "fanout_1000": 1001}
 
 
@@ -109,8 +111,6 @@ def main() -> None:
     parser.add_argument("workload", choices=sorted(STEPS))
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    from benchmarks.run import bench_stack, timed_run  # which uses this module
-
     with contextlib.ExitStack() as exits:
         root, stack, instance = bench_stack(exits)
         pool = stack.worker_pool(concurrency=2)

@@ -36,6 +36,7 @@ import boto3
 import sqlalchemy as sa
 from dagster import DagsterEventType, DagsterInstance, RunsFilter, execute_job
 
+from benchmarks.harness import QUIET, bench_stack
 from benchmarks.jobs import reconstructable_job
 from dagster_taskiq.core.ledger import Ledger
 from dagster_taskiq.local.stack import LocalStack, WorkerPool
@@ -46,7 +47,6 @@ WAIT_WORKLOAD = "wait_10"
 LAUNCH_ROUNDS = 3
 OLD_LAUNCHES = {"batch_launches": False}
 OLD_WAITING = {"listen_for_events": False}
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def say(text: str) -> None:
@@ -242,8 +242,6 @@ def main() -> None:
         workload, config, *stamps = args.child
         child(workload, json.loads(config), Path(stamps[0]) if stamps else None)
         return
-    from benchmarks.run import bench_stack
-
     with contextlib.ExitStack() as exits:
         root, stack, instance = bench_stack(exits)
         pool = stack.worker_pool(concurrency=2)

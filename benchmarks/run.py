@@ -18,7 +18,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,12 +28,12 @@ from dagster import DagsterInstance, execute_job
 
 from benchmarks import worker_memory
 from benchmarks.cpu import STEPS, CpuClock, per_step_ms
+from benchmarks.harness import QUIET, REPO_ROOT, bench_stack, timed_run
 from benchmarks.jobs import reconstructable_job
 from benchmarks.launches import measure as launch_figures
 from dagster_taskiq.core.ledger import Ledger
-from dagster_taskiq.local.stack import LocalStack, local_stack
+from dagster_taskiq.local.stack import LocalStack
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 WORKLOADS = ("fanout_100", "chain_20", "sleep_20")
 # And the one this executor alone runs (the others would take most of an hour on it).
@@ -137,21 +136,6 @@ def celery_worker(broker: str, root: Path) -> Iterator[subprocess.Popen[bytes]]:
 # -- measuring ------------------------------------------------------------------------
 
 
-def timed_run(
-    instance: DagsterInstance, workload: str, peer: str, run_config: dict[str, Any]
-) -> float:
-    # The same for every peer: Dagster's console logger off the terminal.
-    run_config = {**run_config, "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    started = time.perf_counter()
-    result = execute_job(
-        reconstructable_job(workload, peer), instance=instance, run_config=run_config
-    )
-    seconds = time.perf_counter() - started
-    if not result.success:
-        raise RuntimeError(f"{workload} on {peer} failed (run {result.run_id})")
-    return seconds
-
-
 def figures(seconds: list[float]) -> dict[str, Any]:
     return {
         "median_s": round(statistics.median(seconds), 3),
@@ -174,7 +158,7 @@ def pickup_latency_ms(
             result = execute_job(
                 reconstructable_job("single", "taskiq"),
                 instance=instance,
-                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+                run_config=QUIET,
             )
             (record,) = ledger.for_run(result.run_id)
             assert record.started_at is not None
@@ -223,21 +207,6 @@ def _role(process: psutil.Process, worker_pid: int) -> str:
 
 
 # -- the run --------------------------------------------------------------------------
-
-
-def bench_stack(exits: contextlib.ExitStack) -> tuple[Path, LocalStack, DagsterInstance]:
-    """The local stack in a temporary directory, serving the benchmark jobs, and its
-    Dagster instance; all closed by ``exits``."""
-    os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
-    )
-    root = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="dagster-bench-")))
-    stack = exits.enter_context(local_stack(root, code_locations=("benchmarks.jobs",)))
-    stack.apply_env()
-    instance = DagsterInstance.get()
-    exits.callback(instance.dispose)
-    return root, stack, instance
 
 
 def run(

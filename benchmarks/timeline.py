@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from dagster import DagsterEventType, DagsterInstance
 
-from benchmarks.run import bench_stack, timed_run
+from benchmarks.harness import bench_stack, timed_run
 
 CONCURRENCY = 2  # step processes of the one worker
 

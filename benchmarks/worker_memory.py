@@ -28,11 +28,11 @@ import boto3
 import psutil
 from dagster import DagsterInstance, execute_job
 
+from benchmarks.harness import QUIET, bench_stack
 from benchmarks.jobs import reconstructable_job
 from dagster_taskiq.local.stack import LocalStack, WorkerPool
 from dagster_taskiq.worker.fork_server import FORK_SERVER_NAME, STEP_PROCESS_NAME
 
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 READY_SAMPLES = 20
 
 
@@ -184,8 +184,6 @@ def main() -> None:
     parser.add_argument("--step-process-start", choices=("fork-server", "spawn"), default="")
     parser.add_argument("--samples", type=int, default=READY_SAMPLES)
     args = parser.parse_args()
-    from benchmarks.run import bench_stack
-
     with contextlib.ExitStack() as exits:
         _, stack, instance = bench_stack(exits)
         report = measure(instance, stack, start=args.step_process_start, samples=args.samples)
