@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 from dagster_taskiq.core.ledger import Ledger, Status
 from dagster_taskiq.core.messages import StepMessage, encode, payload_hash, peek_key
-from dagster_taskiq.core.sqs import QueueDepth, SqsQueue
+from dagster_taskiq.core.sqs import SqsQueue
 from dagster_taskiq.worker.fork_server import STEP_PROCESS_NAME
 from tests import hostile_marker
 from tests.conftest import StackFactory, start_workers
@@ -169,28 +169,31 @@ def test_hostile_messages_never_run_never_crash_a_worker_and_are_all_accounted_f
             # the last time): a generated body may share its key with the refused step
             # and still be rejected (a mismatch), so it dead-letters.
             dlq = SqsQueue(stack.dlq_url, endpoint_url=stack.sqs_endpoint)
-            depths: dict[str, QueueDepth] = {}
-            to_dlq: list[int] = [0]
 
-            def dead_lettered() -> bool:
-                depths.update(dlq=dlq.depth(), queue=queue.depth())
-                if depths["queue"].visible + depths["queue"].in_flight:
-                    return False
-                rejected = {r["message_id"] for r in ledger.rejections()}
-                to_dlq[0] = sum(1 for mid in sent if mid in rejected)
-                return depths["dlq"].visible == to_dlq[0]
+            def explain(error: AssertionError, expected: str) -> AssertionError:
+                return AssertionError(
+                    f"{error}: {expected}; dead-letter queue {dlq.depth()}, queue "
+                    f"{queue.depth()}\n{pool.logs()[-4000:]}"
+                )
 
             try:
                 wait_for(
-                    dead_lettered,
+                    lambda: (depth := queue.depth()).visible + depth.in_flight == 0,
                     timeout=60,
-                    what="the queue to empty and the rejected messages to reach the DLQ",
+                    what="the queue to empty",
                 )
             except AssertionError as e:
-                raise AssertionError(
-                    f"{e}: {to_dlq[0]} rejected of {len(sent)} sent; dead-letter queue "
-                    f"{depths['dlq']}, queue {depths['queue']}\n{pool.logs()[-4000:]}"
-                ) from None
+                raise explain(e, f"{len(sent)} sent") from None
+            rejected = {r["message_id"] for r in ledger.rejections()}
+            to_dlq = sum(1 for mid in sent if mid in rejected)
+            try:
+                wait_for(
+                    lambda: dlq.depth().visible == to_dlq,
+                    timeout=10,
+                    what="the rejected messages in the DLQ",
+                )
+            except AssertionError as e:
+                raise explain(e, f"{to_dlq} rejected of {len(sent)} sent") from None
 
             assert not marker_file.exists(), marker_file.read_text()
             assert instance.all_logs(marker_id) == [], "nothing ran for the marker's run"
