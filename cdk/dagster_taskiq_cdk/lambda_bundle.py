@@ -370,10 +370,16 @@ def _extract_extensions(wheel: Path, target: Path) -> None:
 
 
 def _digest(files: Iterable[BundleFile]) -> str:
+    return _hash_tree((file.destination, file.source) for file in files)
+
+
+def _hash_tree(entries: Iterable[tuple[str, Path]]) -> str:
+    """sha256 over (relative path, file) pairs, in the order given: a plan's digest and a
+    built directory's (``tree_digest``) are the same function of the same pairs."""
     digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.destination.encode() + b"\0")
-        digest.update(hashlib.sha256(file.source.read_bytes()).digest())
+    for relative, path in entries:
+        digest.update(relative.encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
 
@@ -504,12 +510,8 @@ def tree_digest(directory: Path) -> str:
     Paths in string order, as a plan's destinations are: a bundle that holds exactly its
     plan's files has the digest of the plan (``_digest``).
     """
-    digest = hashlib.sha256()
     files = {p.relative_to(directory).as_posix(): p for p in directory.rglob("*") if p.is_file()}
-    for relative in sorted(files):
-        digest.update(relative.encode() + b"\0")
-        digest.update(hashlib.sha256(files[relative].read_bytes()).digest())
-    return digest.hexdigest()
+    return _hash_tree(sorted(files.items()))
 
 
 def _discard(bundle: Path) -> None:
