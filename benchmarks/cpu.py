@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -28,15 +29,23 @@ from benchmarks.harness import bench_stack, timed_run
 STEPS = {"fanout_100": 101, "chain_20": 20, "sleep_20": 20, "fanout_1000": 1001}
 
 
-def _cpu(process: psutil.Process, *, with_ended_children: bool) -> float:
+def _times(process: psutil.Process) -> Any:
     try:
-        times = process.cpu_times()
+        return process.cpu_times()
     except psutil.NoSuchProcess:
-        return 0.0
-    total = times.user + times.system
-    if with_ended_children:
-        total += times.children_user + times.children_system
-    return total
+        return None
+
+
+def _own(process: psutil.Process) -> float:
+    """CPU seconds the process itself has used."""
+    times = _times(process)
+    return 0.0 if times is None else float(times.user + times.system)
+
+
+def _reaped(process: psutil.Process) -> float:
+    """CPU seconds of the children it has ended and reaped (no longer alive)."""
+    times = _times(process)
+    return 0.0 if times is None else float(times.children_user + times.children_system)
 
 
 def _stack_processes(root: Path) -> tuple[int, int | None]:
@@ -56,26 +65,23 @@ def _stack_processes(root: Path) -> tuple[int, int | None]:
 
 def snapshot(worker_pid: int, emulator_pid: int, postgres_pid: int | None) -> dict[str, float]:
     worker = psutil.Process(worker_pid)
+    emulator = psutil.Process(emulator_pid)
     step_processes = [
         p for p in worker.children() if "resource_tracker" not in " ".join(p.cmdline())
     ]
     parts = {
-        "run worker": _cpu(psutil.Process(), with_ended_children=False),
-        "supervisor": _cpu(worker, with_ended_children=False),
+        "run worker": _own(psutil.Process()),
+        "supervisor": _own(worker),
         # Recycled step processes, once the supervisor (their subreaper) reaped them.
-        "ended step processes": _cpu(worker, with_ended_children=True)
-        - _cpu(worker, with_ended_children=False),
-        "step processes": sum(_cpu(p, with_ended_children=False) for p in step_processes),
-        "started by step processes": sum(
-            _cpu(p, with_ended_children=True) - _cpu(p, with_ended_children=False)
-            for p in step_processes
-        ),
-        "SQS emulator": _cpu(psutil.Process(emulator_pid), with_ended_children=True),
+        "ended step processes": _reaped(worker),
+        "step processes": sum(_own(p) for p in step_processes),
+        "started by step processes": sum(_reaped(p) for p in step_processes),
+        "SQS emulator": _own(emulator) + _reaped(emulator),
     }
     if postgres_pid is not None:
         server = psutil.Process(postgres_pid)
-        parts["PostgreSQL"] = _cpu(server, with_ended_children=True) + sum(
-            _cpu(p, with_ended_children=False) for p in server.children()
+        parts["PostgreSQL"] = (
+            _own(server) + _reaped(server) + sum(_own(p) for p in server.children())
         )
     return parts
 

@@ -1,5 +1,5 @@
-"""benchmarks.cpu: a part's CPU time counts the children it has reaped once asked to (a
-recycled step process, an ended database backend), and is reported per step."""
+"""benchmarks.cpu: a process's CPU time and that of the children it has reaped (a recycled
+step process, an ended database backend) are counted apart, and reported per step."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import time
 
 import psutil
 
-from benchmarks.cpu import _cpu, per_step_ms
+from benchmarks.cpu import _own, _reaped, per_step_ms
 
 SPIN = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
 
 
-def test_the_time_of_reaped_children_is_counted_when_asked_for() -> None:
+def test_the_time_of_reaped_children_is_counted_apart() -> None:
     # A shell runs a child that spins 0.5 s of CPU to its end (reaped), then becomes
     # ``sleep``, which spends nothing: what it has used since is its ended child's.
     spin = subprocess.list2cmdline([sys.executable, "-c", SPIN])
@@ -25,8 +25,8 @@ def test_the_time_of_reaped_children_is_counted_when_asked_for() -> None:
         while process.name() != "sleep":
             assert time.monotonic() < deadline, "the spinning child did not end"
             time.sleep(0.05)
-        assert _cpu(process, with_ended_children=False) < 0.2
-        assert 0.45 <= _cpu(process, with_ended_children=True) < 5
+        assert _own(process) < 0.2
+        assert 0.45 <= _reaped(process) < 5
     finally:
         root.kill()
         root.wait()
