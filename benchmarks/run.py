@@ -240,27 +240,23 @@ def run(
             say(f"warming up {peer}")
             timed_run(instance, "chain_20", peer, configs[peer])
         clock = CpuClock.for_stack(root, worker_pid) if worker_pid is not None else None
-        for workload in (w for w in WORKLOADS if w in workloads):
+        # fanout_1000 on this executor alone.
+        runs = [(w, active) for w in WORKLOADS if w in workloads]
+        if "taskiq" in active and "fanout_1000" in workloads:
+            runs.append(("fanout_1000", ["taskiq"]))
+        for workload, peers_run in runs:
             report["workloads"][workload] = {}
-            for peer in active:
+            for peer in peers_run:
+                timed_cpu = clock if peer == "taskiq" and workload in FANOUTS else None
+                if timed_cpu is not None:
+                    timed_cpu.start()
                 seconds = []
-                if peer == "taskiq" and clock is not None:
-                    clock.start()
                 for rep in range(reps):
                     seconds.append(timed_run(instance, workload, peer, configs[peer]))
                     say(f"{workload} on {peer}, run {rep + 1}: {seconds[-1]:.2f} s")
                 report["workloads"][workload][peer] = figures(seconds)
-                if peer == "taskiq" and clock is not None and workload in FANOUTS:
-                    cpu[workload] = per_step_ms(clock.elapsed(), STEPS[workload] * reps)
-        if "taskiq" in active and "fanout_1000" in workloads:
-            seconds = []
-            assert clock is not None
-            clock.start()
-            for rep in range(reps):
-                seconds.append(timed_run(instance, "fanout_1000", "taskiq", {}))
-                say(f"fanout_1000 on taskiq, run {rep + 1}: {seconds[-1]:.2f} s")
-            report["workloads"]["fanout_1000"] = {"taskiq": figures(seconds)}
-            cpu["fanout_1000"] = per_step_ms(clock.elapsed(), STEPS["fanout_1000"] * reps)
+                if timed_cpu is not None:
+                    cpu[workload] = per_step_ms(timed_cpu.elapsed(), STEPS[workload] * reps)
         if cpu:
             # Where a step's cost goes, on this executor (see benchmarks.cpu).
             report["cpu_ms_per_step"] = cpu
